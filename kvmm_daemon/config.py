@@ -1,0 +1,45 @@
+"""EngineConfig: the single source of sizes and paths for one engine.
+
+Budgets are bytes. The KV budget becomes a number of blocks once the model's shape is known
+(KVCache.num_blocks_for_budget); the weight budget bounds the weight pool's resident bytes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from kvmm_daemon.errors import ConfigError
+from kvmm_daemon.sizes import parse_size
+
+KV_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | None = None               # GGUF file or safetensors dir; None = embedded SmolLM2
+    kv_budget: int = 256 << 20             # bytes for the KV arena
+    weight_budget: int | None = None       # bytes of resident weights; None = no limit
+    block_size: int = 16                   # tokens per KV block
+    max_model_len: int = 2048              # longest prompt + completion of one sequence
+    max_num_seqs: int = 64                 # sequences running at once
+    max_num_batched_tokens: int = 512      # per-step token budget (chunked prefill)
+    kv_dtype: str = "float32"
+    threads: int | None = None             # torch intra-op threads; None = all cores
+    linear_mode: str = "auto"              # how quantized weights are multiplied
+
+    def __post_init__(self) -> None:
+        self.kv_budget = parse_size(self.kv_budget, what="--kv-budget")
+        if self.weight_budget is not None:
+            self.weight_budget = parse_size(self.weight_budget, what="--weight-budget")
+        for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer (got {value!r})")
+        if self.block_size > 256:
+            raise ConfigError(f"block_size {self.block_size} is too large; use 1..256 (16 is usual)")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"kv_dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        if self.threads is not None and self.threads <= 0:
+            raise ConfigError(f"threads must be positive (got {self.threads})")
+        if self.model is not None:
+            self.model = os.fspath(self.model)

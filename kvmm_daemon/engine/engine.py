@@ -1,0 +1,389 @@
+"""Engine: one model, one KV pool, many requests; stepped by its owner.
+
+`step()` runs one scheduler iteration: apply queued commands (add, abort, session ops),
+schedule, run the model on the batch, sample, stream deltas, finish requests. It is
+blocking compute; the daemon calls it from a worker thread while its event loop keeps
+serving, so the public mutators only queue commands under a lock (thread-safe) and
+`statistics()` returns the snapshot taken at the end of the last step.
+
+Sessions keep KV between turns: when a session's turn finishes, its sequence is *parked*
+(its blocks stay allocated, the history is remembered). The next turn's prompt tokens are
+appended to the history and the parked sequence is adopted, so only the new tokens are
+computed. Under memory pressure parked sessions are released oldest-first (their full
+blocks stay in the prefix cache, so a later turn usually still hits them).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from kvmm_daemon.config import EngineConfig
+from kvmm_daemon.engine import choices
+from kvmm_daemon.engine.engine_stats import EngineStats, SessionInfo
+from kvmm_daemon.engine.model_runner import ModelRunner, ScheduledChunk
+from kvmm_daemon.engine.outputs import (Choice, ChoiceDelta, GenerateResult, RequestOutput, Timings,
+                                        Usage)
+from kvmm_daemon.engine.sampling_params import SamplingParams
+from kvmm_daemon.engine.scheduler import Scheduler
+from kvmm_daemon.engine.sequence import Request, RequestStatus, Sequence, next_seq_id
+from kvmm_daemon.engine.stop_checker import StopChecker
+from kvmm_daemon.errors import CapacityError, RequestError
+from kvmm_daemon.kv.kv_manager import KVCacheManager
+
+
+@dataclass(slots=True)
+class Session:
+    """Invariants: seq_id is not None iff the session holds parked KV for token_ids[:-1]
+    (the last token's KV is computed by the next turn); busy iff a request of this session
+    is in flight (then seq_id belongs to that request)."""
+
+    session_id: str
+    owner: object
+    token_ids: list[int]
+    seq_id: int | None = None
+    busy: bool = False
+    last_used: float = 0.0
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, model_file, runner: ModelRunner, kv: KVCacheManager) -> None:
+        self.cfg = cfg
+        self.model_file = model_file
+        self.spec = model_file.spec
+        self.tokenizer = model_file.tokenizer
+        self.chat_template = model_file.chat_template
+        self.runner = runner
+        self.kv = kv
+        self.scheduler = Scheduler(kv, max_num_seqs=cfg.max_num_seqs,
+                                   max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                   release_idle=self._release_oldest_session)
+        self.stop_checker = StopChecker(self.tokenizer, cfg.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self._inbox: list[tuple] = []
+        self._steps = 0
+        self._tokens_computed = 0
+        self._snapshot: EngineStats = self._take_snapshot()
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig) -> Engine:
+        from kvmm_daemon.engine.loader import build_engine_parts
+        model_file, runner, kv = build_engine_parts(cfg)
+        return cls(cfg, model_file, runner, kv)
+
+    # --- thread-safe API ------------------------------------------------------------------
+
+    def encode_prompt(self, *, text: str | None = None, messages: list | None = None,
+                      token_ids: list[int] | None = None, raw: bool = False,
+                      add_generation_prompt: bool = True) -> list[int]:
+        given = sum(x is not None for x in (text, messages, token_ids))
+        if given != 1:
+            raise RequestError("give exactly one of prompt text, chat messages or token ids")
+        if token_ids is not None:
+            vocab = self.spec.vocab_size
+            if not token_ids or not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
+                raise RequestError(f"token ids must be a non-empty list of integers in 0..{vocab - 1}")
+            return list(token_ids)
+        if messages is None and raw:
+            if not isinstance(text, str):
+                raise RequestError("prompt text must be a string")
+            return self.tokenizer.encode(text)
+        if messages is None:
+            messages = [{"role": "user", "content": text}]
+        if self.chat_template is None:
+            raise RequestError("this model has no chat template; send raw text (--raw) or token ids")
+        rendered = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(rendered, parse_special=True)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    *, session_id: str | None = None, owner: object = None) -> None:
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty; give at least one token")
+        self._check_fits(len(prompt_token_ids), params, session_id)
+        with self._lock:
+            if request_id in self.requests or any(c[0] == "add" and c[1] == request_id for c in self._inbox):
+                raise RequestError(f"request id {request_id!r} is already in use")
+            self._inbox.append(("add", request_id, list(prompt_token_ids), params, session_id, owner))
+
+    def abort_request(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+
+    def open_session(self, session_id: str, owner: object = None) -> None:
+        with self._lock:
+            self._inbox.append(("open", session_id, owner))
+
+    def delete_session(self, session_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("delete", session_id))
+
+    def list_sessions(self) -> list[SessionInfo]:
+        return list(self._snapshot.sessions)
+
+    def has_unfinished_requests(self) -> bool:
+        with self._lock:
+            return bool(self._inbox) or self.scheduler.has_work()
+
+    def statistics(self) -> EngineStats:
+        return self._snapshot
+
+    # --- admission checks -----------------------------------------------------------------
+
+    def _check_fits(self, prompt_len: int, params: SamplingParams, session_id: str | None) -> None:
+        history = 0
+        if session_id is not None:
+            if params.num_choices > 1:
+                raise RequestError("a session turn returns one choice; use n=1 and beam_width=1 with --session")
+            s = self.sessions.get(session_id)
+            history = len(s.token_ids) if s else 0
+        total = history + prompt_len
+        limit = self.cfg.max_model_len
+        if total >= limit:
+            what = f"session history ({history}) + prompt ({prompt_len})" if history else f"prompt ({prompt_len} tokens)"
+            raise RequestError(f"{what} does not fit the context of {limit} tokens (max_model_len); "
+                               "shorten the prompt, start a new session, or raise --max-model-len")
+        bs = self.kv.block_size
+        out_len = min(params.max_tokens, limit - total)
+        need = -(-total // bs) + params.num_choices * (-(-out_len // bs) + 1)
+        have = self.kv.pool.num_blocks
+        if need > have:
+            raise CapacityError(
+                f"this request needs up to {need} KV blocks ({params.num_choices} choice(s) of {total} + "
+                f"{out_len} tokens) but the pool has {have}; raise --kv-budget or lower max_tokens/n/beam_width")
+
+    # --- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs: dict[str, RequestOutput] = {}
+        self._apply_inbox(outputs)
+        sched = self.scheduler.schedule()
+        if sched.scheduled:
+            chunks = [ScheduledChunk(s.seq.token_ids, s.start, s.num_tokens,
+                                     self.kv.block_table(s.seq.seq_id), s.reaches_end)
+                      for s in sched.scheduled]
+            logits = self.runner.execute(chunks, self.kv.take_pending_copies())
+            self._steps += 1
+            self._tokens_computed += sched.num_tokens
+            for s in sched.scheduled:
+                self.kv.commit(s.seq.seq_id, s.num_tokens)
+                s.seq.num_computed_tokens += s.num_tokens
+            row = 0
+            by_req: dict[str, list[int]] = {}
+            for s in sched.scheduled:
+                if s.reaches_end:
+                    by_req.setdefault(s.request.request_id, []).append(row)
+                    row += 1
+            for rid, rows in by_req.items():
+                req = self.requests[rid]
+                self._advance(req, logits[rows])
+                outputs[rid] = self._output(req)
+        self._snapshot = self._take_snapshot()
+        return list(outputs.values())
+
+    def _advance(self, req: Request, logits) -> None:
+        now = time.perf_counter()
+        if not req.forked:
+            req.prefill_done_time = now
+            seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+            updated = choices.expand(req, logits[0], self.kv, seed)
+        elif req.params.beam_width > 1:
+            updated = choices.beam_step(req, logits, self.kv, self.stop_checker.eos_ids)
+        else:
+            updated = choices.sample_step(req, logits)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        for seq in updated:
+            self.stop_checker.update(seq, req.params)
+        if req.params.beam_width > 1:
+            if any(s.finish_reason == "length" for s in req.seqs) or choices.beams_done(req):
+                for seq in req.seqs:
+                    seq.finish_reason = seq.finish_reason or "length"
+                    self.kv.free(seq.seq_id)
+                req.finished.extend(req.seqs)
+                req.seqs = []
+        else:
+            for seq in [s for s in req.seqs if s.finish_reason]:
+                req.seqs.remove(seq)
+                req.finished.append(seq)
+                if not self._park_session(req, seq):
+                    self.kv.free(seq.seq_id)
+        if not req.seqs:
+            self._finish(req)
+
+    def _finish(self, req: Request, reason: str | None = None) -> None:
+        req.finish_time = time.perf_counter()
+        if reason is not None:
+            for seq in req.seqs:
+                seq.finish_reason = reason
+            self.scheduler.remove(req)  # frees the live sequences' blocks
+            req.finished.extend(req.seqs)
+            req.seqs = []
+            if req.session_id in self.sessions:
+                self.sessions[req.session_id].busy = False
+        else:
+            self.scheduler.remove(req)  # no live sequences left: only leaves the queue
+        req.status = RequestStatus.FINISHED
+        if req.params.beam_width > 1:
+            req.finished.sort(key=lambda s: -choices.beam_score(s))
+            del req.finished[req.params.beam_width:]
+            for i, seq in enumerate(req.finished):
+                seq.choice_index = i
+                reason = seq.finish_reason
+                self.stop_checker.update(seq, req.params)   # text of the final hypotheses
+                seq.finish_reason = reason or seq.finish_reason
+        del self.requests[req.request_id]
+
+    # --- commands --------------------------------------------------------------------------
+
+    def _apply_inbox(self, outputs: dict[str, RequestOutput]) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for cmd in inbox:
+            try:
+                getattr(self, f"_cmd_{cmd[0]}")(*cmd[1:], outputs=outputs)
+            except RequestError as exc:
+                if cmd[0] == "add":
+                    outputs[cmd[1]] = self._error_output(cmd[1], len(cmd[2]), str(exc))
+
+    def _cmd_add(self, request_id, prompt, params, session_id, owner, *, outputs) -> None:
+        self._check_fits(len(prompt), params, session_id)
+        seq = Sequence(seq_id=next_seq_id(), token_ids=list(prompt), num_prompt_tokens=len(prompt))
+        req = Request(request_id, list(prompt), params, [seq], session_id=session_id, owner=owner)
+        if session_id is not None:
+            s = self.sessions.get(session_id) or self._new_session(session_id, owner)
+            if s.busy:
+                raise RequestError(f"session {session_id!r} already has a turn in flight; wait for it to finish")
+            s.busy = True
+            s.last_used = time.monotonic()
+            full = s.token_ids + list(prompt)
+            seq.token_ids = full
+            seq.num_prompt_tokens = len(full)
+            req.prompt_token_ids = full
+            if s.seq_id is not None:          # adopt the parked KV
+                seq.seq_id = s.seq_id
+                seq.num_computed_tokens = self.kv.num_computed_tokens(s.seq_id)
+                req.num_cached_prompt_tokens = seq.num_computed_tokens
+            s.seq_id = None
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def _cmd_abort(self, request_id, *, outputs) -> None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        self._finish(req, reason="abort")
+        outputs[request_id] = self._output(req)
+
+    def _cmd_open(self, session_id, owner, *, outputs) -> None:
+        if session_id not in self.sessions:
+            self._new_session(session_id, owner)
+
+    def _cmd_delete(self, session_id, *, outputs) -> None:
+        s = self.sessions.get(session_id)
+        if s is None:
+            return
+        for req in list(self.requests.values()):
+            if req.session_id == session_id:
+                self._finish(req, reason="abort")
+                outputs[req.request_id] = self._output(req)
+        if s.seq_id is not None:
+            self.kv.free(s.seq_id)
+        del self.sessions[session_id]
+
+    def _new_session(self, session_id: str, owner: object) -> Session:
+        s = Session(session_id, owner, [], last_used=time.monotonic())
+        self.sessions[session_id] = s
+        return s
+
+    def _park_session(self, req: Request, seq: Sequence) -> bool:
+        """Keep a finished session turn's KV for the next turn. True if parked."""
+        s = self.sessions.get(req.session_id) if req.session_id else None
+        if s is None:
+            return False
+        s.busy = False
+        s.token_ids = list(seq.token_ids)
+        s.last_used = time.monotonic()
+        if self.kv.num_tokens(seq.seq_id) != len(seq.token_ids) - 1:
+            return False
+        s.seq_id = seq.seq_id
+        return True
+
+    def _release_oldest_session(self) -> bool:
+        parked = [s for s in self.sessions.values() if s.seq_id is not None and not s.busy]
+        if not parked:
+            return False
+        oldest = min(parked, key=lambda s: s.last_used)
+        self.kv.free(oldest.seq_id)
+        oldest.seq_id = None
+        return True
+
+    # --- outputs ---------------------------------------------------------------------------
+
+    def _usage(self, req: Request) -> Usage:
+        completion = sum(len(s.output_token_ids) for s in req.all_seqs())
+        return Usage(req.num_prompt_tokens, max(0, req.num_cached_prompt_tokens), completion)
+
+    def _timings(self, req: Request) -> Timings:
+        ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
+        computed = req.num_prompt_tokens - max(0, req.num_cached_prompt_tokens)
+        prefill = computed / ttft if ttft else None
+        decode = None
+        if req.first_token_time is not None and req.finish_time is not None:
+            seqs = req.all_seqs()
+            after_first = sum(len(s.output_token_ids) for s in seqs) - len(seqs)
+            span = req.finish_time - req.first_token_time
+            if after_first > 0 and span > 0:
+                decode = after_first / span
+        return Timings(ttft, prefill, decode)
+
+    def _output(self, req: Request) -> RequestOutput:
+        deltas, reasons = [], []
+        if req.params.beam_width > 1:
+            # beams are re-ranked every step: stream nothing until the final choices exist
+            live = req.finished if req.is_finished else []
+        else:
+            live = sorted(req.all_seqs(), key=lambda s: s.choice_index)
+        for seq in live:
+            toks, text = StopChecker.take_delta(seq, req.params)
+            deltas.append(ChoiceDelta(seq.choice_index, toks, text))
+            reasons.append(seq.finish_reason)
+        return RequestOutput(req.request_id, deltas, req.is_finished, reasons,
+                             self._usage(req), self._timings(req), req.error)
+
+    def _error_output(self, request_id: str, prompt_len: int, error: str) -> RequestOutput:
+        return RequestOutput(request_id, [], True, [], Usage(prompt_len, 0, 0), Timings(None, None, None), error)
+
+    def _take_snapshot(self) -> EngineStats:
+        return EngineStats.collect(self)
+
+    # --- synchronous convenience -------------------------------------------------------------
+
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, *,
+                 session_id: str | None = None, request_id: str | None = None,
+                 on_output=None) -> GenerateResult:
+        """Run one request to completion on this thread (kvmm run)."""
+        rid = request_id or f"run-{next_seq_id()}"
+        self.add_request(rid, prompt_token_ids, params, session_id=session_id)
+        texts: dict[int, list[str]] = {}
+        tokens: dict[int, list[int]] = {}
+        final: RequestOutput | None = None
+        while final is None:
+            for out in self.step():
+                if out.request_id != rid:
+                    continue
+                if on_output is not None:
+                    on_output(out)
+                for d in out.deltas:
+                    texts.setdefault(d.index, []).append(d.text)
+                    tokens.setdefault(d.index, []).extend(d.token_ids)
+                if out.finished:
+                    final = out
+        if final.error:
+            raise RequestError(final.error)
+        result_choices = [Choice(i, "".join(texts.get(i, [])), tokens.get(i, []), final.finish_reasons[i])
+                          for i in range(len(final.finish_reasons))]
+        prompt = list(prompt_token_ids)
+        return GenerateResult(rid, prompt, result_choices, final.usage, final.timings)

@@ -1,0 +1,46 @@
+"""Frozen snapshots of the engine's state, served by `kvmm stats` and the daemon."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    session_id: str
+    owner: object
+    num_tokens: int
+    kv_resident: bool        # holds parked KV blocks in memory
+    busy: bool
+    last_used: float
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    kv: dict                 # blocks_total, blocks_allocated, blocks_cached, blocks_free, ...
+    requests: dict           # running, waiting, preemptions
+    sessions: tuple[SessionInfo, ...]
+    steps: int
+    tokens_computed: int
+    block_size: int
+    block_bytes: int
+    weights: dict
+
+    @classmethod
+    def collect(cls, engine) -> EngineStats:
+        pool = asdict(engine.kv.pool.statistics())
+        sched = engine.scheduler.statistics()
+        sessions = tuple(SessionInfo(s.session_id, s.owner, len(s.token_ids), s.seq_id is not None,
+                                     s.busy, s.last_used) for s in engine.sessions.values())
+        weights = engine.runner.model.weights.statistics()
+        return cls(kv=pool,
+                   requests={"running": sched.running, "waiting": sched.waiting,
+                             "running_seqs": sched.running_seqs, "preemptions": sched.preemptions},
+                   sessions=sessions, steps=engine._steps, tokens_computed=engine._tokens_computed,
+                   block_size=engine.kv.block_size, block_bytes=engine.runner.kv_cache.block_bytes,
+                   weights=asdict(weights))
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["sessions"] = [dict(asdict(s), owner=s.owner if isinstance(s.owner, (int, str, type(None))) else str(s.owner))
+                         for s in self.sessions]
+        return d

@@ -1,0 +1,30 @@
+"""Assembling an engine's parts from an EngineConfig: model file, weight pool, model, KV
+arena, block pool and KV manager. Errors here are the user's to fix and say how."""
+from __future__ import annotations
+
+import torch
+
+from kvmm_daemon.config import EngineConfig
+from kvmm_daemon.engine.model_runner import ModelRunner
+from kvmm_daemon.kv.block_pool import BlockPool
+from kvmm_daemon.kv.kv_cache import KVCache
+from kvmm_daemon.kv.kv_manager import KVCacheManager
+from kvmm_daemon.model.llama import LlamaModel
+from kvmm_daemon.model.model_file import default_model_path, open_model
+from kvmm_daemon.model.weight_pool import WeightPool
+
+
+def build_engine_parts(cfg: EngineConfig):
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    model_file = open_model(cfg.model if cfg.model is not None else default_model_path())
+    spec = model_file.spec
+    max_model_len = min(cfg.max_model_len, spec.context_length)
+    cfg.max_model_len = max_model_len
+    weights = WeightPool(model_file, spec, budget_bytes=cfg.weight_budget, linear_mode=cfg.linear_mode)
+    model = LlamaModel(spec, weights, max_positions=max_model_len)
+    kv_cache = KVCache.from_budget(cfg.kv_budget, max_model_len=max_model_len, num_layers=spec.num_layers,
+                                   block_size=cfg.block_size, num_kv_heads=spec.num_kv_heads,
+                                   head_dim=spec.head_dim, dtype=cfg.kv_dtype)
+    kv = KVCacheManager(BlockPool(kv_cache.num_blocks), cfg.block_size, spec.model_id)
+    return model_file, ModelRunner(model, kv_cache), kv
