@@ -1,0 +1,155 @@
+"""KVCache: the preallocated tensor arena that holds every KV block.
+
+One tensor `kv` of shape [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim],
+allocated once and sized from a byte budget. Block-major order makes one block across all
+layers one contiguous byte range, so the flash tier moves a block with one aligned read or
+write (`block_view`); layer l's K and V caches are strided views `kv[:, l, 0]`, `kv[:, l, 1]`
+of shape [num_blocks, block_size, num_kv_heads, head_dim] (inner three dims contiguous).
+
+On CPU the arena is an anonymous mmap (page-aligned, so block views of a page-multiple size
+suit O_DIRECT), advised to use transparent huge pages, and written once at start so every
+page is resident and the hot path never faults. Prior art: vLLM's per-layer KV tensors and
+`check_enough_kv_cache_memory`; nano-vllm `ModelRunner.allocate_kv_cache` (one tensor for
+all layers). Left out: mlock (systemd's LimitMEMLOCK decides; the budget is hard anyway) and
+quantized KV.
+"""
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterable
+
+import torch
+
+from kvmm_daemon.errors import ConfigError
+from kvmm_daemon.sizes import format_size
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ConfigError(f"kv_dtype {dtype!r} is not one of {', '.join(_DTYPES)}") from None
+
+
+class KVCache:
+    """The KV arena.
+
+    Attributes and invariants:
+      num_blocks, num_layers, block_size, num_kv_heads, head_dim, dtype, device
+                  the layout; fixed for the arena's life.
+      kv          the contiguous arena tensor, shape as above; never reallocated, so views
+                  and block tables stay valid.
+      _layers     per-layer (k_cache, v_cache) views of `kv`.
+      _mmap       the anonymous mapping backing `kv` on CPU (kept alive with it), else None.
+    """
+
+    def __init__(self, num_blocks: int, *, num_layers: int, block_size: int,
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype | str = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
+        for name, value in (("num_blocks", num_blocks), ("num_layers", num_layers),
+                            ("block_size", block_size), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.num_blocks = num_blocks
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = _as_dtype(dtype)
+        self.device = torch.device(device)
+        shape = (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
+        self._mmap: mmap.mmap | None = None
+        if self.device.type == "cpu":
+            self._mmap = mmap.mmap(-1, num_blocks * self.block_bytes,
+                                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                self._mmap.madvise(mmap.MADV_HUGEPAGE)
+            raw = torch.frombuffer(self._mmap, dtype=torch.uint8)
+            self.kv = raw.view(self.dtype).view(shape)
+            self.kv.zero_()          # fault every page in now, not on the hot path
+        else:
+            self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._layers = [(self.kv[:, l, 0], self.kv[:, l, 1]) for l in range(num_layers)]
+
+    # --- sizing --------------------------------------------------------------------------
+
+    @staticmethod
+    def bytes_per_block(*, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype | str) -> int:
+        """Bytes of one block across all layers, K and V."""
+        itemsize = torch.empty((), dtype=_as_dtype(dtype)).element_size()
+        return num_layers * 2 * block_size * num_kv_heads * head_dim * itemsize
+
+    @classmethod
+    def num_blocks_for_budget(cls, budget_bytes: int, *, num_layers: int, block_size: int,
+                              num_kv_heads: int, head_dim: int, dtype: torch.dtype | str) -> int:
+        """How many whole blocks fit in `budget_bytes` (may be 0)."""
+        per = cls.bytes_per_block(num_layers=num_layers, block_size=block_size,
+                                  num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
+        return max(0, budget_bytes) // per
+
+    @classmethod
+    def check_budget(cls, budget_bytes: int, *, max_model_len: int, num_layers: int,
+                     block_size: int, num_kv_heads: int, head_dim: int,
+                     dtype: torch.dtype | str) -> int:
+        """The number of blocks the budget holds; ConfigError if that is fewer than one
+        sequence of `max_model_len` tokens needs."""
+        per = cls.bytes_per_block(num_layers=num_layers, block_size=block_size,
+                                  num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
+        num_blocks = max(0, budget_bytes) // per
+        needed = -(-max_model_len // block_size)
+        if num_blocks < needed:
+            raise ConfigError(
+                f"KV budget of {format_size(budget_bytes)} holds {num_blocks} blocks of "
+                f"{format_size(per)}, fewer than the {needed} one sequence of max_model_len "
+                f"{max_model_len} needs ({format_size(needed * per)}); raise --kv-budget or "
+                f"lower --max-model-len")
+        return num_blocks
+
+    @classmethod
+    def from_budget(cls, budget_bytes: int, *, max_model_len: int, num_layers: int,
+                    block_size: int, num_kv_heads: int, head_dim: int,
+                    dtype: torch.dtype | str = torch.float32,
+                    device: str | torch.device = "cpu") -> KVCache:
+        """Check the budget (see `check_budget`) and allocate the largest arena within it."""
+        layout = dict(num_layers=num_layers, block_size=block_size, num_kv_heads=num_kv_heads,
+                      head_dim=head_dim, dtype=dtype)
+        num_blocks = cls.check_budget(budget_bytes, max_model_len=max_model_len, **layout)
+        return cls(num_blocks, device=device, **layout)
+
+    @property
+    def block_bytes(self) -> int:
+        return self.bytes_per_block(num_layers=self.num_layers, block_size=self.block_size,
+                                    num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                                    dtype=self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    # --- access --------------------------------------------------------------------------
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_cache, v_cache) of one layer, each [num_blocks, block_size, num_kv_heads,
+        head_dim], views into the arena (block stride num_layers*2*block_size*H*D)."""
+        return self._layers[layer]
+
+    def copy_blocks(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """Copy whole blocks (all layers) src -> dst, in the given order (copy-on-write)."""
+        for src, dst in pairs:
+            if not (0 <= src < self.num_blocks and 0 <= dst < self.num_blocks):
+                raise IndexError(f"block copy {src} -> {dst} outside 0..{self.num_blocks - 1}")
+            if src != dst:
+                self.kv[dst].copy_(self.kv[src])
+
+    def block_view(self, block_id: int) -> torch.Tensor:
+        """The bytes of one block as a 1-D uint8 tensor sharing the arena's memory
+        (`.numpy()` gives a writable buffer for preadv/pwrite on CPU)."""
+        if not 0 <= block_id < self.num_blocks:
+            raise IndexError(f"block {block_id} outside 0..{self.num_blocks - 1}")
+        return self.kv[block_id].reshape(-1).view(torch.uint8)

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from kvmm_daemon.errors import ConfigError
+from kvmm_daemon.kv.kv_cache import KVCache
+
+SMOL = dict(num_layers=30, block_size=16, num_kv_heads=3, head_dim=64)   # SmolLM2-135M
+SMALL = dict(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8)
+
+
+def test_arena_shape_zeroed_and_contiguous():
+    c = KVCache(5, **SMALL)
+    assert c.kv.shape == (5, 3, 2, 4, 2, 8) and c.kv.is_contiguous()
+    assert c.kv.dtype == torch.float32 and c.kv.device.type == "cpu"
+    assert not c.kv.any()
+    assert c.block_bytes == 3 * 2 * 4 * 2 * 8 * 4 and c.nbytes == 5 * c.block_bytes
+
+
+def test_layer_views_alias_the_arena():
+    c = KVCache(5, **SMALL)
+    k, v = c.layer(1)
+    assert k.shape == v.shape == (5, 4, 2, 8)
+    assert k.stride() == (3 * 2 * 4 * 2 * 8, 16, 8, 1)
+    k[2, 3, 1, 5] = 7.0
+    v[4, 0, 0, 0] = -1.0
+    assert c.kv[2, 1, 0, 3, 1, 5] == 7.0 and c.kv[4, 1, 1, 0, 0, 0] == -1.0
+    assert c.layer(1)[0] is k                         # the same views every step
+
+
+def test_copy_blocks_copies_every_layer_in_order():
+    c = KVCache(4, **SMALL)
+    for b in range(4):
+        c.kv[b] = float(b + 1)
+    c.copy_blocks([(0, 1), (1, 2), (3, 3)])           # sequential: 2 receives 1's new content
+    assert [c.kv[b].unique().tolist() for b in range(4)] == [[1.0], [1.0], [1.0], [4.0]]
+    with pytest.raises(IndexError):
+        c.copy_blocks([(0, 4)])
+
+
+def test_block_view_is_the_blocks_bytes():
+    c = KVCache(3, dtype="bfloat16", **SMOL)
+    view = c.block_view(1)
+    assert view.dtype == torch.uint8 and view.numel() == c.block_bytes == 368640
+    view.numpy()[:] = 0x3F                            # swap-in writes through the view
+    assert (c.kv[1] != 0).all() and not c.kv[0].any() and not c.kv[2].any()
+    # block bytes are a page multiple and the arena is page aligned: O_DIRECT-ready
+    assert view.data_ptr() % 4096 == 0
+    with pytest.raises(IndexError):
+        c.block_view(3)
+
+
+def test_sizing_from_a_budget():
+    per = KVCache.bytes_per_block(dtype="float32", **SMOL)
+    assert per == 30 * 2 * 16 * 3 * 64 * 4
+    assert KVCache.num_blocks_for_budget(10 * per + per - 1, dtype="float32", **SMOL) == 10
+    assert KVCache.num_blocks_for_budget(0, dtype=torch.float16, **SMOL) == 0
+    assert KVCache.check_budget(64 << 20, max_model_len=1456, dtype="float32", **SMOL) == 91
+
+
+def test_too_small_budget_names_the_fix():
+    with pytest.raises(ConfigError) as e:
+        KVCache.check_budget(64 << 20, max_model_len=4096, dtype="float32", **SMOL)
+    msg = str(e.value)
+    assert msg.startswith("KV budget of 64 MiB holds 91 blocks")
+    assert "fewer than the 256 one sequence of max_model_len 4096 needs" in msg
+    assert msg.endswith("raise --kv-budget or lower --max-model-len") and "\n" not in msg
+
+
+def test_from_budget_allocates_the_largest_arena():
+    per = KVCache.bytes_per_block(dtype="float32", **SMALL)
+    c = KVCache.from_budget(7 * per + 5, max_model_len=9, **SMALL)
+    assert c.num_blocks == 7 and c.nbytes <= 7 * per + 5
+
+
+def test_bad_layout():
+    with pytest.raises(ConfigError, match="kv_dtype 'int8'"):
+        KVCache(1, dtype="int8", **SMALL)
+    with pytest.raises(ValueError, match="num_blocks"):
+        KVCache(0, **SMALL)
