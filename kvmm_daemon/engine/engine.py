@@ -261,7 +261,7 @@ class Engine:
             full = s.token_ids + list(prompt)
             seq.token_ids = full
             seq.num_prompt_tokens = len(full)
-            req.prompt_token_ids = full
+            req.prompt_token_ids = list(full)
             if s.seq_id is not None:          # adopt the parked KV
                 seq.seq_id = s.seq_id
                 seq.num_computed_tokens = self.kv.num_computed_tokens(s.seq_id)
