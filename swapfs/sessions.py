@@ -1,0 +1,213 @@
+"""SessionMethods: the persistent-session half of SwapSpace (a mixin over its slot
+bookkeeping, kept apart only for size).
+
+A session on flash is (owner uid, token ids, num_kv_tokens, blocks in order). Saving again
+is incremental: the leading full blocks whose tokens did not change are kept as they are
+and only the rest is written (KV of a full block depends only on the tokens up to its end).
+A load that meets a corrupt block truncates the stored session before it, so the next save
+rewrites it, and raises with `blocks_loaded` set, so the engine recomputes only the tail.
+Import (the FUSE /import directory) stages blocks as they arrive and commits at the end.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from swapfs.errors import SessionExistsError, SlotCorruptError, SwapError, SwapNotFoundError
+from swapfs.metadata import SessionRow, SlotRecord
+from swapfs.records import SessionInfo, Snapshot, SlotRef
+
+
+def check_session_id(session_id: str) -> None:
+    """Session ids become directory names on the mount: no '/', no NUL, not '.' or '..'."""
+    if not isinstance(session_id, str) or not session_id or session_id in (".", "..") \
+            or "/" in session_id or "\0" in session_id or len(session_id.encode()) > 255:
+        raise ValueError(f"session id {session_id!r} is not usable: give 1-255 bytes without"
+                         " '/' or NUL, not '.' or '..'")
+
+
+def _info(row: SessionRow) -> SessionInfo:
+    return SessionInfo(row.session_id, row.owner_uid, row.token_ids, row.num_kv_tokens,
+                       len(row.blocks), row.created, row.last_used)
+
+
+class SessionMethods:
+    """Mixed into SwapSpace; uses its _lock, _session_lock, _meta, _owner, _sessions."""
+
+    def save_session(self, session_id: str, owner_uid: int, token_ids: Sequence[int],
+                     payloads: Sequence[Any], *, num_kv_tokens: int | None = None) -> SessionInfo:
+        """Store (or replace) a session durably: payloads[i] is the KV block i of
+        token_ids[:num_kv_tokens] (default: all tokens). Blocks unchanged since the last save
+        are not rewritten. Raises SwapFullError/SwapNoSpaceError/SwapIOError; the previous
+        version stays intact then."""
+        check_session_id(session_id)
+        tokens = tuple(int(t) for t in token_ids)
+        nkv = len(tokens) if num_kv_tokens is None else int(num_kv_tokens)
+        bs = self.layout.block_size
+        if not 0 <= nkv <= len(tokens) or len(payloads) != self.layout.blocks_for(nkv):
+            raise ValueError(f"session {session_id!r}: {nkv} KV tokens of {len(tokens)} fill"
+                             f" {self.layout.blocks_for(nkv)} blocks of {bs} tokens, got"
+                             f" {len(payloads)} payloads")
+        with self._session_lock:
+            with self._lock:
+                old = self._meta.session(session_id)
+            keep = 0
+            if old is not None and old.owner_uid == owner_uid:
+                common = 0
+                limit = min(old.num_kv_tokens, nkv)
+                while common < limit and old.token_ids[common] == tokens[common]:
+                    common += 1
+                keep = min(common // bs, len(old.blocks))
+            refs = self.stage_blocks(payloads[keep:])
+            now = time.time()
+            new = self._staged_records(refs)
+            row = SessionRow(session_id, owner_uid, tokens, nkv,
+                             old.created if old else now, now,
+                             (old.blocks[:keep] if old else ()) + tuple(new))
+            freed = [b.slot_id for b in old.blocks[keep:]] if old else []
+            try:
+                self._commit(self._commit_session_row, row, new, freed)
+            except SwapError:
+                self.discard_staged(refs)
+                raise
+            return _info(row)
+
+    def _commit_session_row(self, row: SessionRow, new: Sequence[SlotRecord],
+                            freed: Sequence[int]) -> None:
+        self._meta.commit_session(row, new, freed)
+        for rec in new:
+            assert self._owner[rec.slot_id].kind == "staged"
+            self._owner[rec.slot_id].kind = "session"
+        self._release(freed)
+        self._sessions[row.session_id] = tuple(b.slot_id for b in row.blocks)
+
+    def load_session(self, session_id: str, into: Sequence[Any]) -> SessionInfo:
+        """Read every block of the session into into[0..num_blocks). On a bad block raises
+        SlotCorruptError/SwapIOError with `blocks_loaded` = the leading blocks that are valid
+        in `into`. Raises SwapNotFoundError for an unknown id."""
+        with self._lock:
+            row = self._row(session_id)
+            if len(into) < len(row.blocks):
+                raise ValueError(f"session {session_id!r} has {len(row.blocks)} blocks, only"
+                                 f" {len(into)} destination buffers given")
+            slots = [b.slot_id for b in row.blocks]
+            self._pin(slots)
+        try:
+            results = self.read_refs([SlotRef(b.slot_id, b.generation) for b in row.blocks],
+                                     into[:len(row.blocks)])
+        finally:
+            with self._lock:
+                self._unpin(slots)
+        bad = next((i for i, e in enumerate(results) if e is not None), None)
+        if bad is not None:
+            exc = results[bad]
+            exc.blocks_loaded = bad
+            if isinstance(exc, SlotCorruptError):
+                self._truncate(row, bad)
+            raise exc
+        with self._lock:
+            try:
+                self._meta.touch_session(session_id, time.time())
+            except SwapError as err:
+                self._record(err)
+            return _info(self._row(session_id))
+
+    def _truncate(self, row: SessionRow, nblocks: int) -> None:
+        """Drop blocks [nblocks:] of a session found corrupt (if it did not change since)."""
+        with self._session_lock:
+            with self._lock:
+                now = self._meta.session(row.session_id)
+            if now is None or now.blocks != row.blocks:
+                return
+            nkv = min(row.num_kv_tokens, nblocks * self.layout.block_size)
+            short = SessionRow(row.session_id, row.owner_uid, row.token_ids, nkv, row.created,
+                               row.last_used, row.blocks[:nblocks])
+            try:
+                with self._lock:
+                    self._commit_session_row(short, [], [b.slot_id for b in row.blocks[nblocks:]])
+            except SwapError as exc:
+                self._record(exc)
+
+    def _row(self, session_id: str) -> SessionRow:
+        row = self._meta.session(session_id)
+        if row is None:
+            raise SwapNotFoundError(f"session {session_id!r} is not stored on flash")
+        return row
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        with self._lock:
+            return _info(self._row(session_id))
+
+    def list_sessions(self, owner_uid: int | None = None) -> list[SessionInfo]:
+        with self._lock:
+            return [_info(self._meta.session(sid)) for sid in self._meta.session_ids(owner_uid)]
+
+    def delete_session(self, session_id: str) -> None:
+        """Drop a session and free its slots (readers holding a snapshot finish first)."""
+        with self._session_lock, self._lock:
+            row = self._row(session_id)
+            slots = [b.slot_id for b in row.blocks]
+            try:
+                self._meta.delete_session(session_id, slots)
+            except SwapError as exc:
+                self._record(exc)
+                raise
+            self._release(slots)
+            del self._sessions[session_id]
+
+    def session_snapshot(self, session_id: str) -> Snapshot:
+        """Pin a session's blocks for reading (release with `release_snapshot`)."""
+        with self._lock:
+            row = self._row(session_id)
+            self._pin([b.slot_id for b in row.blocks])
+            return Snapshot(tuple(SlotRef(b.slot_id, b.generation, b.crc) for b in row.blocks),
+                            session=_info(row))
+
+    # -- staged writes (save, import) ------------------------------------------------------
+
+    def stage_blocks(self, payloads: Sequence[Any]) -> list[SlotRef]:
+        """Write blocks into fresh slots that belong to nobody until a commit names them
+        (a crash before it leaves them free). Discard with `discard_staged`."""
+        views = self._views(payloads, writable=False)
+        with self._lock:
+            try:
+                refs = self._allocate(len(views), "staged")
+            except SwapError as exc:
+                self._record(exc)
+                raise
+        self._write(refs, views)
+        return refs
+
+    def discard_staged(self, refs: Sequence[SlotRef]) -> None:
+        with self._lock:
+            self._release([r.slot_id for r in refs if (s := self._owner.get(r.slot_id))
+                           is not None and s.kind == "staged" and s.generation == r.generation])
+
+    def _staged_records(self, refs: Sequence[SlotRef]) -> list[SlotRecord]:
+        with self._lock:
+            return [SlotRecord(r.slot_id, r.generation, self._owner[r.slot_id].crc)
+                    for r in refs]
+
+    def commit_staged_session(self, session_id: str, owner_uid: int, token_ids: Sequence[int],
+                              num_kv_tokens: int, refs: Sequence[SlotRef],
+                              created: float | None = None) -> SessionInfo:
+        """Commit staged blocks as a new session; raises SessionExistsError if the id is
+        taken (the staged blocks are left to the caller to discard)."""
+        check_session_id(session_id)
+        tokens = tuple(int(t) for t in token_ids)
+        if not 0 <= num_kv_tokens <= len(tokens) or \
+                len(refs) != self.layout.blocks_for(num_kv_tokens):
+            raise ValueError(f"session {session_id!r}: {num_kv_tokens} KV tokens need"
+                             f" {self.layout.blocks_for(num_kv_tokens)} blocks, got {len(refs)}")
+        with self._session_lock:
+            with self._lock:
+                if self._meta.session(session_id) is not None:
+                    raise SessionExistsError(f"session {session_id!r} exists already; delete it"
+                                             " first or import under another name")
+            now = time.time()
+            new = self._staged_records(refs)
+            row = SessionRow(session_id, owner_uid, tokens, num_kv_tokens,
+                             created if created is not None else now, now, tuple(new))
+            self._commit(self._commit_session_row, row, new, [])
+            return _info(row)

@@ -1,0 +1,132 @@
+import os
+
+import numpy as np
+import pytest
+
+from conftest import LAYOUT, payload
+from swapfs.aligned_buffer import AlignedBuffer
+from swapfs.errors import SlotCorruptError, SwapBusyError
+from swapfs.slot_store import HEADER_BYTES, SUPER_BYTES, SlotStore
+
+BB = LAYOUT.block_bytes
+
+
+@pytest.fixture
+def store(swap_dir):
+    st = SlotStore(os.path.join(swap_dir, "s.slots"), BB, 16, layout_id=42, io_threads=2)
+    yield st
+    st.close()
+
+
+def _poke(store: SlotStore, offset: int, data: bytes) -> None:
+    """Change the file behind the store's back (buffered fd, like a disk would)."""
+    with open(store.path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_one(store, slot, gen):
+    out = np.zeros(BB, dtype=np.uint8)
+    err = store.read([(slot, gen, memoryview(out))])[0]
+    return out, err
+
+
+def test_round_trip_aligned_and_unaligned_buffers(store):
+    with AlignedBuffer(4 * BB) as arena:
+        aligned = [arena.view[i * BB:(i + 1) * BB] for i in range(4)]
+        for i, v in enumerate(aligned):
+            v[:] = payload(i).tobytes()
+        crcs = store.write([(3 + i, 10 + i, v) for i, v in enumerate(aligned)])
+        assert len(crcs) == 4
+        unaligned = np.zeros(BB + 1, dtype=np.uint8)[1:]
+        unaligned[:] = payload("u")
+        store.write([(9, 1, memoryview(unaligned))])
+        store.sync()
+        for i in range(4):
+            out, err = _read_one(store, 3 + i, 10 + i)
+            assert err is None and (out == payload(i)).all()
+        into = np.zeros(BB + 1, dtype=np.uint8)[1:]
+        assert store.read([(9, 1, memoryview(into))]) == [None]
+        assert (into == payload("u")).all()
+        del aligned
+    assert store.bytes_written == 5 * BB and store.bytes_read == 5 * BB
+
+
+def test_data_survives_reopen_and_other_layout_reformats(swap_dir):
+    path = os.path.join(swap_dir, "s.slots")
+    st = SlotStore(path, BB, 4, layout_id=1)
+    st.write([(2, 5, memoryview(payload(2)))])
+    st.sync()
+    st.close()
+    st = SlotStore(path, BB, 4, layout_id=1)
+    assert not st.reinitialized
+    out, err = _read_one(st, 2, 5)
+    assert err is None and (out == payload(2)).all()
+    st.close()
+    st = SlotStore(path, BB, 4, layout_id=2)
+    assert st.reinitialized
+    _out, err = _read_one(st, 2, 5)
+    assert isinstance(err, SlotCorruptError)
+    st.close()
+
+
+def test_flipped_payload_byte_is_detected(store):
+    store.write([(1, 7, memoryview(payload(1)))])
+    store.sync()
+    offset = SUPER_BYTES + store.stride + HEADER_BYTES + 1000
+    _poke(store, offset, bytes([payload(1)[1000] ^ 0x10]))
+    out, err = _read_one(store, 1, 7)
+    assert isinstance(err, SlotCorruptError) and "checksum" in str(err)
+
+
+def test_torn_write_is_detected(store):
+    """A new header over a payload half old, half new (power cut mid-write)."""
+    store.write([(0, 1, memoryview(payload("old")))])
+    store.sync()
+    old_tail = payload("old")[BB // 2:].tobytes()
+    store.write([(0, 2, memoryview(payload("new")))])
+    store.sync()
+    _poke(store, SUPER_BYTES + HEADER_BYTES + BB // 2, old_tail)
+    _out, err = _read_one(store, 0, 2)
+    assert isinstance(err, SlotCorruptError)
+
+
+def test_generation_mismatch_and_never_written_slot(store):
+    store.write([(4, 8, memoryview(payload(4)))])
+    _out, err = _read_one(store, 4, 7)
+    assert isinstance(err, SlotCorruptError) and "generation 8, expected 7" in str(err)
+    _out, err = _read_one(store, 5, 1)
+    assert isinstance(err, SlotCorruptError) and "header is not valid" in str(err)
+
+
+def test_corrupt_header_is_detected(store):
+    store.write([(6, 3, memoryview(payload(6)))])
+    _poke(store, SUPER_BYTES + 6 * store.stride + 20, b"\xff")
+    _out, err = _read_one(store, 6, 3)
+    assert isinstance(err, SlotCorruptError)
+
+
+def test_one_bad_slot_in_a_batch_leaves_the_others_good(store):
+    views = [memoryview(payload(i)) for i in range(6)]
+    store.write([(i, 1, v) for i, v in enumerate(views)])
+    _poke(store, SUPER_BYTES + 2 * store.stride + HEADER_BYTES, b"\x00\x01\x02")
+    outs = [np.zeros(BB, dtype=np.uint8) for _ in range(6)]
+    errs = store.read([(i, 1, memoryview(o)) for i, o in enumerate(outs)])
+    assert [e is None for e in errs] == [True, True, False, True, True, True]
+    assert all((outs[i] == payload(i)).all() for i in (0, 1, 3, 4, 5))
+
+
+def test_second_open_of_the_same_file_is_refused(store):
+    with pytest.raises(SwapBusyError, match="in use"):
+        SlotStore(store.path, BB, 16, layout_id=42)
+
+
+def test_bad_arguments(store):
+    with pytest.raises(IndexError):
+        store.write([(16, 1, memoryview(payload(0)))])
+    with pytest.raises(ValueError, match="bytes"):
+        store.write([(0, 1, memoryview(b"short"))])
+    with pytest.raises(ValueError, match="same slot twice"):
+        store.write([(0, 1, memoryview(payload(0))), (0, 2, memoryview(payload(0)))])
