@@ -26,6 +26,10 @@ class EngineConfig:
     kv_dtype: str = "float32"
     threads: int | None = None             # torch intra-op threads; None = all cores
     linear_mode: str = "auto"              # how quantized weights are multiplied
+    swap_dir: str | None = None            # swapfs directory (flash tier); None = no flash tier
+    swap_size: int = 1 << 30               # bytes of the preallocated slot file
+    session_idle_s: float = 60.0           # a parked session's memory is released after this
+    preemption: str = "auto"               # auto (cost model) | swap | recompute
 
     def __post_init__(self) -> None:
         self.kv_budget = parse_size(self.kv_budget, what="--kv-budget")
@@ -41,5 +45,12 @@ class EngineConfig:
             raise ConfigError(f"kv_dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
         if self.threads is not None and self.threads <= 0:
             raise ConfigError(f"threads must be positive (got {self.threads})")
+        self.swap_size = parse_size(self.swap_size, what="--swap-size")
+        if self.session_idle_s < 0:
+            raise ConfigError(f"session_idle_s must not be negative (got {self.session_idle_s})")
+        if self.preemption not in ("auto", "swap", "recompute"):
+            raise ConfigError(f"preemption {self.preemption!r} is not one of auto, swap, recompute")
+        if self.swap_dir is not None:
+            self.swap_dir = os.fspath(self.swap_dir)
         if self.model is not None:
             self.model = os.fspath(self.model)

@@ -7,7 +7,7 @@
   shapes (the model's heads, batch 1/8/32, context 256 and 1024), per-call wall time;
   overhead = paged / contiguous - 1;
 * with --vs-llama-cpp: llama.cpp (llama-cpp-python, optional) on the same GGUF in the same
-  run: batch-1 decode and prefill tokens/s.
+  run, same threads and prompts: prefill and aggregate decode tokens/s per batch size.
 """
 from __future__ import annotations
 
@@ -90,25 +90,24 @@ def attention_overhead(spec, block_size: int = 16) -> list[dict]:
     return rows
 
 
-def llama_cpp_figures(model_path: str, threads: int, prefill_len: int, tokens: int) -> dict:
+def llama_cpp_figures(model_path: str, threads: int, prefill_len: int, tokens: int,
+                      batches: list[int], prompt_ids: list[int]) -> dict:
+    """The same figures from llama.cpp on the same file, same threads, same prompts."""
     try:
-        import llama_cpp
+        from kvmm_daemon.bench.llama_cpp_ref import LlamaCpp
+        ref = LlamaCpp(model_path, threads=threads, max_seqs=max(batches))
     except ImportError:
         return {"error": "llama-cpp-python is not installed; pip install '.[llama]' (compiles ~10 min)"}
-    llm = llama_cpp.Llama(model_path=model_path, n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
-    ids = (llm.tokenize(PROMPT.encode()) * (prefill_len // 10 + 1))[:prefill_len]
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(ids)
-    prefill = prefill_len / (time.perf_counter() - t0)
-    llm.reset()
-    llm.eval(ids[:16])
-    t0 = time.perf_counter()
-    for _ in range(tokens):
-        tok = llm.sample(temp=0.0)
-        llm.eval([tok])
-    decode = tokens / (time.perf_counter() - t0)
-    return {"decode_tokens_per_s": {"1": round(decode, 1)}, "prefill_tokens_per_s": round(prefill, 1)}
+    try:
+        ids = (prompt_ids * (prefill_len // len(prompt_ids) + 1))[:prefill_len]
+        prefill = ref.prefill_tokens_per_s(ids)
+        decode = {}
+        for b in batches:
+            prompts = [[prompt_ids[(i + b) % len(prompt_ids)]] + prompt_ids[:15] for i in range(b)]
+            decode[str(b)] = round(ref.decode_tokens_per_s(prompts, tokens), 1)
+        return {"decode_tokens_per_s": decode, "prefill_tokens_per_s": round(prefill, 1)}
+    finally:
+        ref.close()
 
 
 def register_args(p: argparse.ArgumentParser) -> None:
@@ -136,7 +135,8 @@ def run_decode_bench(args: argparse.Namespace) -> dict:
     if args.vs_llama_cpp:
         from kvmm_daemon.model.model_file import default_model_path
         result["llama_cpp"] = llama_cpp_figures(str(args.model or default_model_path()), args.threads,
-                                                args.prefill_len, args.decode_tokens)
+                                                args.prefill_len, args.decode_tokens, batches,
+                                                engine.tokenizer.encode(PROMPT))
     ref = result.get("llama_cpp", {})
     print(f"{'figure':<28}{'kvmm':>12}{'llama.cpp':>12}")
     for b, v in decode.items():

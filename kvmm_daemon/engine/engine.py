@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from kvmm_daemon.config import EngineConfig
 from kvmm_daemon.engine import choices
 from kvmm_daemon.engine.engine_stats import EngineStats, SessionInfo
+from kvmm_daemon.engine.flash_tier import FlashTier
 from kvmm_daemon.engine.model_runner import ModelRunner, ScheduledChunk
 from kvmm_daemon.engine.outputs import (Choice, ChoiceDelta, GenerateResult, RequestOutput, Timings,
                                         Usage)
@@ -45,10 +46,12 @@ class Session:
     seq_id: int | None = None
     busy: bool = False
     last_used: float = 0.0
+    on_flash: bool = False       # the current history's KV is committed in swapfs
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig, model_file, runner: ModelRunner, kv: KVCacheManager) -> None:
+    def __init__(self, cfg: EngineConfig, model_file, runner: ModelRunner, kv: KVCacheManager,
+                 swap=None) -> None:
         self.cfg = cfg
         self.model_file = model_file
         self.spec = model_file.spec
@@ -56,9 +59,10 @@ class Engine:
         self.chat_template = model_file.chat_template
         self.runner = runner
         self.kv = kv
+        self.tier = FlashTier(swap, runner.kv_cache, kv, preemption=cfg.preemption) if swap is not None else None
         self.scheduler = Scheduler(kv, max_num_seqs=cfg.max_num_seqs,
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                   release_idle=self._release_oldest_session)
+                                   release_idle=self._release_oldest_session, tier=self.tier)
         self.stop_checker = StopChecker(self.tokenizer, cfg.max_model_len)
         self.requests: dict[str, Request] = {}
         self.sessions: dict[str, Session] = {}
@@ -66,13 +70,25 @@ class Engine:
         self._inbox: list[tuple] = []
         self._steps = 0
         self._tokens_computed = 0
+        if self.tier is not None:           # sessions committed to flash survive restarts
+            for info in self.tier.stored_sessions():
+                self.sessions[info.session_id] = Session(info.session_id, info.owner_uid, list(info.token_ids),
+                                                         last_used=time.monotonic(), on_flash=True)
         self._snapshot: EngineStats = self._take_snapshot()
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> Engine:
-        from kvmm_daemon.engine.loader import build_engine_parts
+        from kvmm_daemon.engine.loader import build_engine_parts, open_swap
         model_file, runner, kv = build_engine_parts(cfg)
-        return cls(cfg, model_file, runner, kv)
+        swap = open_swap(cfg, model_file.spec, runner.kv_cache) if cfg.swap_dir else None
+        return cls(cfg, model_file, runner, kv, swap)
+
+    def close(self) -> None:
+        """Release the flash tier (flushes staged prefix blocks, closes the store)."""
+        if self.tier is not None:
+            self.tier.flush()
+            self.tier.swap.close()
+            self.tier = self.scheduler.tier = None
 
     # --- thread-safe API ------------------------------------------------------------------
 
@@ -164,7 +180,10 @@ class Engine:
             chunks = [ScheduledChunk(s.seq.token_ids, s.start, s.num_tokens,
                                      self.kv.block_table(s.seq.seq_id), s.reaches_end)
                       for s in sched.scheduled]
+            t0 = time.perf_counter()
             logits = self.runner.execute(chunks, self.kv.take_pending_copies())
+            if self.tier is not None:
+                self.tier.record_prefill(sched.num_tokens - len(chunks), time.perf_counter() - t0)
             self._steps += 1
             self._tokens_computed += sched.num_tokens
             for s in sched.scheduled:
@@ -180,6 +199,9 @@ class Engine:
                 req = self.requests[rid]
                 self._advance(req, logits[rows])
                 outputs[rid] = self._output(req)
+        if self.tier is not None:
+            self.tier.flush()
+            self._offload_idle_sessions()
         self._snapshot = self._take_snapshot()
         return list(outputs.values())
 
@@ -291,6 +313,8 @@ class Engine:
                 outputs[req.request_id] = self._output(req)
         if s.seq_id is not None:
             self.kv.free(s.seq_id)
+        if self.tier is not None:
+            self.tier.delete_session(session_id)
         del self.sessions[session_id]
 
     def _new_session(self, session_id: str, owner: object) -> Session:
@@ -309,6 +333,9 @@ class Engine:
         if self.kv.num_tokens(seq.seq_id) != len(seq.token_ids) - 1:
             return False
         s.seq_id = seq.seq_id
+        if self.tier is not None:    # write-through: the turn is committed once on flash
+            s.on_flash = self.tier.save_session(s.session_id, s.owner if isinstance(s.owner, int) else 0,
+                                                s.token_ids, s.seq_id)
         return True
 
     def _release_oldest_session(self) -> bool:
@@ -319,6 +346,15 @@ class Engine:
         self.kv.free(oldest.seq_id)
         oldest.seq_id = None
         return True
+
+    def _offload_idle_sessions(self) -> None:
+        """Release the memory of sessions idle longer than session_idle_s whose KV is
+        committed on flash; their next turn loads it back at admission."""
+        limit = time.monotonic() - self.cfg.session_idle_s
+        for s in self.sessions.values():
+            if s.seq_id is not None and not s.busy and s.on_flash and s.last_used <= limit:
+                self.kv.free(s.seq_id)
+                s.seq_id = None
 
     # --- outputs ---------------------------------------------------------------------------
 

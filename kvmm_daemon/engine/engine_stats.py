@@ -24,6 +24,7 @@ class EngineStats:
     block_size: int
     block_bytes: int
     weights: dict
+    flash: dict | None = None   # FlashTier statistics when a swap tier is configured
 
     @classmethod
     def collect(cls, engine) -> EngineStats:
@@ -37,7 +38,8 @@ class EngineStats:
                              "running_seqs": sched.running_seqs, "preemptions": sched.preemptions},
                    sessions=sessions, steps=engine._steps, tokens_computed=engine._tokens_computed,
                    block_size=engine.kv.block_size, block_bytes=engine.runner.kv_cache.block_bytes,
-                   weights=asdict(weights))
+                   weights=asdict(weights),
+                   flash=engine.tier.statistics() if engine.tier is not None else None)
 
     def as_dict(self) -> dict:
         d = asdict(self)

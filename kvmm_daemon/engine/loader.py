@@ -28,3 +28,14 @@ def build_engine_parts(cfg: EngineConfig):
                                    head_dim=spec.head_dim, dtype=cfg.kv_dtype)
     kv = KVCacheManager(BlockPool(kv_cache.num_blocks), cfg.block_size, spec.model_id)
     return model_file, ModelRunner(model, kv_cache), kv
+
+
+def open_swap(cfg: EngineConfig, spec, kv_cache: KVCache):
+    """The swapfs store for this model's KV layout under cfg.swap_dir."""
+    from swapfs.layout import KVLayout
+    from swapfs.swap_space import SwapSpace
+
+    layout = KVLayout(model_id=spec.model_id, num_layers=spec.num_layers, block_size=kv_cache.block_size,
+                      num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                      dtype=str(kv_cache.dtype).removeprefix("torch."))
+    return SwapSpace(cfg.swap_dir, cfg.swap_size, layout)

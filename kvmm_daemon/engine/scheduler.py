@@ -63,8 +63,9 @@ class Scheduler:
     """
 
     def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 release_idle: Callable[[], bool] = lambda: False) -> None:
+                 release_idle: Callable[[], bool] = lambda: False, tier=None) -> None:
         self.kv = kv
+        self.tier = tier          # FlashTier or None: swap instead of drop, restore on admission
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.release_idle = release_idle
@@ -86,6 +87,8 @@ class Scheduler:
         for seq in req.seqs:
             if seq.seq_id in self.kv:
                 self.kv.free(seq.seq_id)
+            elif self.tier is not None:
+                self.tier.drop(seq)
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
@@ -161,16 +164,21 @@ class Scheduler:
                         s.num_computed_tokens = 0
                     return False
             seq.num_computed_tokens = res.num_cached_tokens
+            if self.tier is not None:
+                seq.num_computed_tokens += self.tier.restore(seq, req.session_id)
             allocated.append(seq)
         if req.num_cached_prompt_tokens < 0:
             req.num_cached_prompt_tokens = min(req.seqs[0].num_computed_tokens, req.num_prompt_tokens)
         return True
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
-        """Recompute preemption: free every block, back to the queue at arrival order."""
+        """Free every block (after writing them to flash when the tier finds swapping cheaper
+        than recomputing) and put the request back in the queue at its arrival position."""
         self.running.remove(req)
         out.scheduled = [s for s in out.scheduled if s.request is not req]
         for seq in req.seqs:
+            if self.tier is not None:
+                self.tier.swap_out(seq)
             self.kv.free(seq.seq_id)
             seq.num_computed_tokens = 0
         req.status = RequestStatus.WAITING

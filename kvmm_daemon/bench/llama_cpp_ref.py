@@ -1,0 +1,77 @@
+"""llama.cpp on the same GGUF, for side-by-side figures in `kvmm bench decode --vs-llama-cpp`.
+
+Uses llama-cpp-python's low-level API (an optional extra, `pip install '.[llama]'`) so that
+several sequences decode in one llama_decode batch, as llama.cpp's own parallel example does:
+prefill tokens/s of one prompt, and aggregate greedy decode tokens/s at each batch size.
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+
+import numpy as np
+
+
+class LlamaCpp:
+    def __init__(self, model_path: str, *, threads: int, max_seqs: int, n_ctx_per_seq: int = 1024) -> None:
+        import llama_cpp as lc
+        self.lc = lc
+        lc.llama_backend_init()
+        self.model = lc.llama_model_load_from_file(model_path.encode(), lc.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {model_path}")
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = max(2048, n_ctx_per_seq * max_seqs)
+        cp.n_batch = cp.n_ubatch = 512
+        cp.n_seq_max = max_seqs
+        cp.n_threads = cp.n_threads_batch = threads
+        self.ctx = lc.llama_init_from_model(self.model, cp)
+        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
+        self.batch = lc.llama_batch_init(512, 0, max_seqs)
+
+    def close(self) -> None:
+        self.lc.llama_batch_free(self.batch)
+        self.lc.llama_free(self.ctx)
+        self.lc.llama_model_free(self.model)
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> list[int]:
+        """items: (token, pos, seq, want_logits); returns argmax for each wanted row."""
+        b = self.batch
+        b.n_tokens = len(items)
+        rows = []
+        for i, (tok, pos, seq, want) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = 1 if want else 0
+            if want:
+                rows.append(i)
+        if self.lc.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        out = []
+        for i in rows:
+            ptr = self.lc.llama_get_logits_ith(self.ctx, i)
+            out.append(int(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                                 shape=(self.n_vocab,)).argmax()))
+        return out
+
+    def _clear(self) -> None:
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+
+    def prefill_tokens_per_s(self, ids: list[int]) -> float:
+        self._clear()
+        t0 = time.perf_counter()
+        for start in range(0, len(ids), 512):
+            chunk = ids[start:start + 512]
+            self._decode([(t, start + j, 0, start + j == len(ids) - 1) for j, t in enumerate(chunk)])
+        return len(ids) / (time.perf_counter() - t0)
+
+    def decode_tokens_per_s(self, prompts: list[list[int]], steps: int) -> float:
+        self._clear()
+        items = [(t, p, s, p == len(pr) - 1) for s, pr in enumerate(prompts) for p, t in enumerate(pr)]
+        last = self._decode(items)
+        pos = [len(p) for p in prompts]
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            last = self._decode([(tok, pos[s], s, True) for s, tok in enumerate(last)])
+            pos = [p + 1 for p in pos]
+        return steps * len(prompts) / (time.perf_counter() - t0)
