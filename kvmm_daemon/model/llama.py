@@ -42,13 +42,15 @@ class LlamaModel:
         spec = self.spec
         t = input_ids.shape[0]
         hidden = self.weights.embed(input_ids)
+        angles = self.rope.angles(positions)
         for layer in range(spec.num_layers):
             w = self.weights.layer(layer)
             x = F.rms_norm(hidden, (spec.hidden_size,), w.attn_norm, spec.rms_norm_eps)
-            q, k, v = w.qkv(x).split((self._q_size, self._kv_size, self._kv_size), dim=-1)
-            q = self.rope(q.reshape(t, spec.num_heads, spec.head_dim), positions)
-            k = self.rope(k.reshape(t, spec.num_kv_heads, spec.head_dim), positions)
-            v = v.reshape(t, spec.num_kv_heads, spec.head_dim)
+            qkv = w.qkv(x)
+            # q and k heads are adjacent in the fused output: one rotation for both
+            qk = self.rope.apply(qkv[:, : self._q_size + self._kv_size].reshape(t, -1, spec.head_dim), angles)
+            q, k = qk.split((spec.num_heads, spec.num_kv_heads), dim=1)
+            v = qkv[:, self._q_size + self._kv_size:].reshape(t, spec.num_kv_heads, spec.head_dim)
             k_cache, v_cache = kv_cache.layer(layer)
             reshape_and_cache(k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, meta.slot_mapping)
             if meta.is_decode:

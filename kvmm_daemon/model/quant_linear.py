@@ -15,11 +15,12 @@ Modes (per weight; `mode_for` states the "auto" policy, scripts/bench_quant_line
 measurements behind it):
   int4      Q4_1 kept packed (4.5 bits/weight); wider weights are never cut to 4 bits and
             take their "auto" form instead.
-  int8      per-output-row int8 (`_weight_int8pack_mm`), re-quantized: lossy (~1.5% of the
-            output norm on SmolLM2's Q8_0 token_embd), 8 bits/weight.
+  int8      per-output-row int8 (`_weight_int8pack_mm`), re-quantized: lossy (0.8-1.2% of
+            the output norm on SmolLM2's layers and Q8_0 token_embd), 8 bits/weight.
   float32   dequantized float32: exact, 32 bits/weight.
-  bfloat16  dequantized bfloat16 weights and activations (~0.3%), 16 bits/weight.
-  float16   dequantized float16 (~0.05%), fast only for one token at a time.
+  bfloat16  dequantized bfloat16 weights and activations (~0.27%), 16 bits/weight.
+  float16   dequantized float16 (~0.035%), 16 bits/weight; fast for one token only (a
+            float16 GEMM needs AVX512-FP16, which AVX512 x86 parts mostly lack).
 
 Other GGUF types (F16, Q4_K, Q6_K...) are taken dequantized, in a dense mode. Left out: a
 hand-written kernel (the torch ops are what the venv ships) and autograd.

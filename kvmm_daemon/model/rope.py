@@ -26,14 +26,22 @@ class RotaryEmbedding:
         self.cos = angles.cos().to(torch.float32)
         self.sin = angles.sin().to(torch.float32)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x [T, heads, head_dim] at `positions` [T]; returns a new tensor."""
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, 1, rope_dim/2] for `positions` [T]: computed once per step and
+        shared by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def apply(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate x [T, heads, head_dim] by precomputed `angles`; returns a new tensor."""
+        cos, sin = angles
         t, heads, dim = x.shape
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, rope_dim/2]
-        sin = self.sin[positions].unsqueeze(1)
         rot = x[..., : self.rope_dim].reshape(t, heads, self.rope_dim // 2, 2)
         x0, x1 = rot[..., 0], rot[..., 1]
         out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).reshape(t, heads, self.rope_dim)
         if self.rope_dim == dim:
             return out
         return torch.cat((out, x[..., self.rope_dim:]), dim=-1)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, head_dim] at `positions` [T]; returns a new tensor."""
+        return self.apply(x, self.angles(positions))
