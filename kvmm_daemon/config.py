@@ -28,6 +28,7 @@ class EngineConfig:
     linear_mode: str = "auto"              # how quantized weights are multiplied
     swap_dir: str | None = None            # swapfs directory (flash tier); None = no flash tier
     swap_size: int = 1 << 30               # bytes of the preallocated slot file
+    mount: str | None = None               # where the daemon mounts the swapfs FUSE view
     session_idle_s: float = 60.0           # a parked session's memory is released after this
     preemption: str = "auto"               # auto (cost model) | swap | recompute
 
@@ -52,5 +53,9 @@ class EngineConfig:
             raise ConfigError(f"preemption {self.preemption!r} is not one of auto, swap, recompute")
         if self.swap_dir is not None:
             self.swap_dir = os.fspath(self.swap_dir)
+        if self.mount is not None:
+            if self.swap_dir is None:
+                raise ConfigError("--mount shows the flash tier, so it needs --swap-dir too")
+            self.mount = os.fspath(self.mount)
         if self.model is not None:
             self.model = os.fspath(self.model)

@@ -11,8 +11,6 @@ import json
 import platform
 import time
 
-import torch
-
 BENCHES = {
     "kv": ("kvmm_daemon.bench.kv_bench", "KV block pool: slot utilization, concurrency vs contiguous, CoW savings"),
     "decode": ("kvmm_daemon.bench.decode_bench", "decode/prefill tokens/s on the model; paged vs contiguous attention"),
@@ -39,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     started = time.time()
     result = args.bench_fn(args)
     result.setdefault("bench", args.bench)

@@ -1,0 +1,1 @@
+"""The kvmm service: protocol, configuration, server, systemd integration (see docs/protocol.md)."""

@@ -1,0 +1,352 @@
+"""Server: the Unix-socket front of one engine — connections, operations, ownership, drain.
+
+Each connection is one trio task reading frames; `generate` runs as a task of its own (so one
+connection may stream several requests and cancel one of them), every other operation is
+answered in order by the reader. Replies go out under a per-connection lock, so frames never
+interleave. Identity is the peer's uid from SO_PEERCRED (auth.py); requests and sessions are
+owned by uid and only their owner or root may see, cancel or delete them. A session's engine
+id is "<uid>:<name>", so ownership survives restarts without a table: a client names its own
+sessions by name, root names anybody's as "uid:name".
+
+Failure containment: a bad frame or request gets an error reply and the connection goes on;
+an oversized length prefix or a truncated frame closes that connection only; a client that
+goes away (EOF, reset, broken pipe) has its requests aborted, which frees their KV blocks.
+`drain` implements SIGTERM: refuse new work, give in-flight requests `grace_period_s`, abort
+the rest, let their final frames go out.
+
+Prior art: vLLM's OpenAI server (streaming deltas, a final usage message), trio's
+`serve_listeners` (EMFILE back-off). Left out: TCP, TLS, authentication beyond the uid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import importlib.metadata
+import itertools
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon.daemon.auth import PeerCredentials, UidLimits, blocks_needed, peer_credentials
+from kvmm_daemon.daemon.config import DaemonConfig
+from kvmm_daemon.daemon.connection import Connection
+from kvmm_daemon.daemon.engine_loop import ABORTED, EngineLoop
+from kvmm_daemon.daemon.sessions import SessionDirectory, owner_of, session_ref
+from kvmm_daemon.errors import CapacityError, KvmmError, RequestError
+
+log = logging.getLogger("kvmm.server")
+try:
+    __version__ = importlib.metadata.version("kvmm")
+except importlib.metadata.PackageNotFoundError:   # running from a tree that is not installed
+    __version__ = "unknown"
+RECV_BYTES = 1 << 16
+FINAL_FLUSH_S = 5.0
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    uid: int
+    conn_id: int
+    blocks: int                 # KV blocks reserved against the uid's limit
+    prompt_tokens: int
+    session: str | None         # engine session id
+    started: float
+
+
+class Server:
+    """Serves one engine on one listening socket.
+
+    Attributes:
+      records: request id -> RequestRecord; an entry exists iff a generate of that id was
+        admitted (counted in `limits`) and its task has not ended.
+      conns: connection id -> Connection for every open connection.
+      draining: no new generate is accepted once set (SIGTERM received).
+    """
+
+    def __init__(self, cfg: DaemonConfig, engine: Any, *, block_size: int,
+                 watchdog=lambda: None, ping_interval_s: float | None = None):
+        self.cfg = cfg
+        self.engine = engine
+        self.block_size = block_size
+        self.loop = EngineLoop(engine, watchdog=watchdog, ping_interval_s=ping_interval_s)
+        self.limits = UidLimits(cfg.max_requests_per_uid, cfg.max_kv_blocks_per_uid)
+        self.sessions = SessionDirectory(engine, self.loop, cfg.max_sessions_per_uid)
+        self.records: dict[str, RequestRecord] = {}
+        self.conns: dict[int, Connection] = {}
+        self.draining = False
+        self.started = time.monotonic()
+        self.errors: Counter[str] = Counter()
+        self.requests_total = 0
+        self._request_ids = itertools.count(1)
+        self._conn_ids = itertools.count(1)
+        self._records_changed = trio.Event()
+        self._accepting: trio.CancelScope | None = None
+
+    # ------------------------------------------------------------------ accepting
+
+    async def serve(self, listener: trio.SocketListener, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections until `stop_accepting`; each runs in this task's nursery."""
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as self._accepting:
+                task_status.started()
+                while True:
+                    try:
+                        stream = await listener.accept()
+                    except OSError as exc:
+                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                            log.warning("accept: %s; retrying in 100 ms", exc.strerror)
+                            await trio.sleep(0.1)
+                            continue
+                        raise
+                    nursery.start_soon(self._handle, stream)
+            await listener.aclose()
+
+    def stop_accepting(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            creds = peer_credentials(stream.socket)
+        except OSError as exc:
+            log.warning("dropping a client whose credentials cannot be read: %s", exc)
+            await stream.aclose()
+            return
+        conn = Connection(next(self._conn_ids), stream, creds)
+        if len(self.conns) >= self.cfg.max_clients:
+            self.errors[P.ErrorCode.LIMIT_EXCEEDED.value] += 1
+            with trio.move_on_after(1):
+                await conn.try_send(P.error_reply(None, P.ErrorCode.LIMIT_EXCEEDED,
+                                f"the daemon serves {self.cfg.max_clients} clients already "
+                                f"(max_clients); retry later"))
+            await stream.aclose()
+            return
+        self.conns[conn.id] = conn
+        log.debug("client %d connected: pid %d uid %d", conn.id, creds.pid, creds.uid)
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._read_loop(conn, nursery)
+                nursery.cancel_scope.cancel()     # peer gone: end its streams (aborts requests)
+        finally:
+            conn.closed = True
+            del self.conns[conn.id]
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            log.debug("client %d disconnected", conn.id)
+
+    async def _read_loop(self, conn: Connection, nursery: trio.Nursery) -> None:
+        decoder = P.FrameDecoder(self.cfg.max_frame_bytes)
+        while True:
+            try:
+                data = await conn.stream.receive_some(RECV_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                if decoder.pending:
+                    log.info("client %d closed mid-frame (%d bytes); dropping it", conn.id, decoder.pending)
+                return
+            try:
+                bodies = decoder.feed(data)
+            except P.ProtocolError as exc:            # oversized: cannot resynchronise
+                self.errors[exc.code.value] += 1
+                log.info("client %d: %s; closing", conn.id, exc.message)
+                with trio.move_on_after(1):
+                    await conn.try_send(P.error_reply(None, exc.code, exc.message))
+                return
+            for body in bodies:
+                try:
+                    req = P.parse_request(P.decode_body(body))
+                except P.ProtocolError as exc:
+                    self.errors[exc.code.value] += 1
+                    if not await conn.try_send(P.error_reply(exc.id, exc.code, exc.message)):
+                        return
+                    continue
+                if isinstance(req, P.GenerateRequest):
+                    nursery.start_soon(self._generate_task, conn, req)
+                elif not await conn.try_send(await self._answer(conn, req)):
+                    return
+
+    # ------------------------------------------------------------------ operations
+
+    async def _answer(self, conn: Connection, req: P.Request) -> dict[str, Any]:
+        """The reply to any operation but generate; errors become error replies."""
+        try:
+            result = await self._operation(conn.creds, req)
+        except P.ProtocolError as exc:
+            self.errors[exc.code.value] += 1
+            return P.error_reply(req.id, exc.code, exc.message)
+        except KvmmError as exc:
+            self.errors[P.ErrorCode.CONFLICT.value] += 1
+            return P.error_reply(req.id, P.ErrorCode.CONFLICT, str(exc))
+        return P.reply(req.id, "result", result=result)
+
+    async def _operation(self, who: PeerCredentials, req: P.Request) -> Any:
+        if isinstance(req, P.HealthRequest):
+            return {"status": "draining" if self.draining else "ok", "version": __version__,
+                    "protocol": P.PROTOCOL_VERSION, "uptime_s": round(time.monotonic() - self.started, 3),
+                    "uid": who.uid}
+        if isinstance(req, P.StatsRequest):
+            return await self.stats(who)
+        if isinstance(req, P.ListRequestsRequest):
+            now = time.monotonic()
+            return [{"request_id": r.request_id, "uid": r.uid, "prompt_tokens": r.prompt_tokens,
+                     "session": session_ref(who, r.session) if r.session else None,
+                     "age_s": round(now - r.started, 3)}
+                    for r in self.records.values() if who.may_access(r.uid)]
+        if isinstance(req, P.CancelRequest):
+            record = self.records.get(req.request_id)
+            if record is None:
+                raise P.ProtocolError(P.ErrorCode.NOT_FOUND,
+                                      f"no request {req.request_id} in flight (it finished or never existed)")
+            if not who.may_access(record.uid):
+                raise P.ProtocolError(P.ErrorCode.PERMISSION_DENIED,
+                                      f"request {req.request_id} belongs to another uid; only its owner or root may cancel it")
+            self.loop.abort(req.request_id)
+            return {"cancelled": req.request_id}
+        if isinstance(req, P.SessionOpenRequest):
+            return {"session": await self.sessions.open(who, req.session)}
+        if isinstance(req, P.SessionListRequest):
+            return self.sessions.visible(who)
+        if isinstance(req, P.SessionDeleteRequest):
+            await self.sessions.delete(who, req.session)
+            return {"deleted": req.session}
+        raise AssertionError(f"unhandled request {req!r}")
+
+    async def stats(self, who: PeerCredentials) -> dict[str, Any]:
+        engine_stats = self.engine.statistics().as_dict()     # a snapshot: no lock needed
+        engine_stats["sessions"] = [
+            dict(s, session=session_ref(who, s["session_id"]))
+            for s in engine_stats.get("sessions", []) if who.may_access(owner_of(s["session_id"]))]
+        limits = self.limits.statistics().as_dict()
+        if not who.is_root:
+            limits["usage"] = [u for u in limits["usage"] if u["uid"] == who.uid]
+        by_uid = Counter(c.creds.uid for c in self.conns.values())
+        return {**engine_stats,
+                "clients": {"connected": len(self.conns),
+                            "by_uid": {str(u): n for u, n in sorted(by_uid.items()) if who.may_access(u)}},
+                "server": {"uptime_s": round(time.monotonic() - self.started, 3),
+                           "draining": self.draining, "requests_total": self.requests_total,
+                           "requests_in_flight": len(self.records),
+                           "errors": dict(self.errors), "limits": limits,
+                           "engine_loop": dataclasses.asdict(self.loop.statistics())}}
+
+    # ------------------------------------------------------------------ generate
+
+    async def _generate_task(self, conn: Connection, req: P.GenerateRequest) -> None:
+        try:
+            await self._generate(conn, req)
+        except P.ProtocolError as exc:
+            self.errors[exc.code.value] += 1
+            await conn.try_send(P.error_reply(req.id, exc.code, exc.message))
+        except trio.BrokenResourceError:
+            pass                                   # peer gone; _generate aborted the request
+
+    async def _generate(self, conn: Connection, req: P.GenerateRequest) -> None:
+        who = conn.creds
+        if self.draining:
+            raise P.ProtocolError(P.ErrorCode.SHUTTING_DOWN, "the daemon is shutting down; retry after it restarts")
+        session_id = self.sessions.ensure(who, req.session) if req.session else None
+        messages = None if req.messages is None else [{"role": r, "content": c} for r, c in req.messages]
+        try:
+            prompt_ids = await trio.to_thread.run_sync(lambda: self.engine.encode_prompt(
+                text=req.prompt, messages=messages,
+                token_ids=None if req.token_ids is None else list(req.token_ids), raw=req.raw))
+        except RequestError as exc:
+            raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, str(exc)) from None
+        params = req.params
+        blocks = blocks_needed(len(prompt_ids), params.max_tokens, params.num_choices, self.block_size)
+        self.limits.admit(who.uid, blocks)
+        request_id = f"r{next(self._request_ids)}"
+        self.records[request_id] = RequestRecord(request_id, who.uid, conn.id, blocks,
+                                                 len(prompt_ids), session_id, time.monotonic())
+        self.requests_total += 1
+        finished = False
+        try:
+            try:
+                outputs = self.loop.submit(request_id, prompt_ids, params, session_id, owner=who.uid)
+            except CapacityError as exc:
+                raise P.ProtocolError(P.ErrorCode.CAPACITY, str(exc)) from None
+            except RequestError as exc:
+                raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, str(exc)) from None
+            await conn.send(P.reply(req.id, "accepted", request_id=request_id,
+                                    prompt_tokens=len(prompt_ids)))
+            finished = await self._stream(conn, req, request_id, prompt_ids, outputs)
+        finally:
+            if not finished:
+                self.loop.abort(request_id)
+            log.debug("%s uid %d: %d prompt tokens, %s after %.3f s", request_id, who.uid,
+                      len(prompt_ids), "done" if finished else "aborted (client gone)",
+                      time.monotonic() - self.records[request_id].started)
+            self.limits.release(who.uid, blocks)
+            del self.records[request_id]
+            self._records_changed.set()
+
+    async def _stream(self, conn: Connection, req: P.GenerateRequest, request_id: str,
+                      prompt_ids: list[int], outputs: trio.MemoryReceiveChannel) -> bool:
+        """Relay one request's outputs; True once the engine is done with it."""
+        n = req.params.num_choices
+        texts, tokens = [""] * n, [[] for _ in range(n)]
+        reasons: list[str | None] = [None] * n
+        usage = timings = None
+        async for out in outputs:
+            if out is ABORTED:
+                reasons = [r or "abort" for r in reasons]
+                break
+            if out.error is not None:
+                await conn.send(P.error_reply(req.id, P.ErrorCode.ENGINE_ERROR, out.error))
+                self.errors[P.ErrorCode.ENGINE_ERROR.value] += 1
+                return True
+            usage, timings, reasons = out.usage, out.timings, list(out.finish_reasons)
+            for d in out.deltas:
+                texts[d.index] += d.text
+                tokens[d.index].extend(d.token_ids)
+            if req.stream and any(d.token_ids or d.text for d in out.deltas):
+                await conn.send(P.reply(req.id, "delta", request_id=request_id, choices=[
+                    {"index": d.index, "token_ids": list(d.token_ids), "text": d.text} for d in out.deltas]))
+            if out.finished:
+                break
+        else:
+            await conn.send(P.error_reply(req.id, P.ErrorCode.INTERNAL, "the engine stopped; see the daemon log"))
+            return False
+        choices = [{"index": i, "text": texts[i], "token_ids": tokens[i], "finish_reason": reasons[i]}
+                   for i in range(n)]
+        await conn.send(P.reply(
+            req.id, "done", request_id=request_id, choices=choices, prompt_token_ids=prompt_ids,
+            usage=dataclasses.asdict(usage) if usage else
+            {"prompt_tokens": len(prompt_ids), "cached_prompt_tokens": 0,
+             "completion_tokens": sum(map(len, tokens))},
+            timings=dataclasses.asdict(timings) if timings else
+            {"ttft_s": None, "prefill_tokens_per_s": None, "decode_tokens_per_s": None}))
+        return True
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new requests, wait up to grace_s for in-flight ones, abort the rest."""
+        self.draining = True
+        self.stop_accepting()
+        log.info("draining: %d requests in flight, grace period %.1f s", len(self.records), grace_s)
+        with trio.move_on_after(grace_s):
+            await self._wait_records_empty()
+        if self.records:
+            log.warning("grace period over: cancelling %d requests", len(self.records))
+            for request_id in list(self.records):
+                self.loop.abort(request_id)
+            with trio.move_on_after(FINAL_FLUSH_S):
+                await self._wait_records_empty()
+
+    async def _wait_records_empty(self) -> None:
+        while self.records:
+            self._records_changed = trio.Event()
+            await self._records_changed.wait()
+
+
+def open_trio_listener(sock) -> trio.SocketListener:
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
