@@ -131,7 +131,8 @@ class BlockPool:
         """Register an allocated block whose KV is fully written under its chained hash.
         False (the block stays uncached) when another block already holds that hash."""
         if block.ref_cnt <= 0:
-            raise ValueError(f"block {block.block_id} is not allocated; only written blocks are cached")
+            raise ValueError(f"block {block.block_id} is not allocated; "
+                             "only written blocks are cached")
         if block.block_hash is not None:
             raise ValueError(f"block {block.block_id} is already cached")
         if block_hash in self._cached:

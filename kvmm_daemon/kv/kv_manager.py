@@ -132,7 +132,8 @@ class KVCacheManager:
         """The arena slot of token `position` (0 <= position < num_tokens)."""
         s = self._seq(seq_id)
         if not 0 <= position < len(s.token_ids):
-            raise IndexError(f"position {position} outside 0..{len(s.token_ids) - 1} of {seq_id!r}")
+            raise IndexError(f"position {position} outside 0..{len(s.token_ids) - 1} "
+                             f"of {seq_id!r}")
         return s.block_ids[position // self.block_size] * self.block_size + position % self.block_size
 
     def slot_mapping(self, seq_id: SeqId, start: int, end: int) -> list[int]:
@@ -260,7 +261,8 @@ class KVCacheManager:
             raise KeyError(f"unknown sequence {seq_id!r}")
         self.pool.free_blocks(self.pool.blocks[i] for i in reversed(s.block_ids))
         if self._pending:   # a copy into a block nobody holds any more must not run
-            dead = [(src, dst) for src, dst in self._pending if self.pool.blocks[dst].ref_cnt == 0]
+            dead = [(src, dst) for src, dst in self._pending
+                    if self.pool.blocks[dst].ref_cnt == 0]
             if dead:
                 self._pending = [pair for pair in self._pending if pair not in dead]
                 self._unpin(src for src, _ in dead)

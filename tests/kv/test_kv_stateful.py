@@ -45,10 +45,12 @@ class KVMachine(RuleBasedStateMachine):
         return self.next_id
 
     def _uncommitted(self):
-        return sorted(s for s, t in self.tokens.items() if self.mgr.num_computed_tokens(s) < len(t))
+        done = self.mgr.num_computed_tokens
+        return sorted(s for s, t in self.tokens.items() if done(s) < len(t))
 
     def _committed(self):
-        return sorted(s for s, t in self.tokens.items() if self.mgr.num_computed_tokens(s) == len(t))
+        done = self.mgr.num_computed_tokens
+        return sorted(s for s, t in self.tokens.items() if done(s) == len(t))
 
     # --- rules ---------------------------------------------------------------------------
 
