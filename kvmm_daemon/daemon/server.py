@@ -256,7 +256,8 @@ class Server:
         try:
             prompt_ids = await trio.to_thread.run_sync(lambda: self.engine.encode_prompt(
                 text=req.prompt, messages=messages,
-                token_ids=None if req.token_ids is None else list(req.token_ids), raw=req.raw))
+                token_ids=None if req.token_ids is None else list(req.token_ids), raw=req.raw,
+                session_id=session_id))
         except RequestError as exc:
             raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, str(exc)) from None
         params = req.params

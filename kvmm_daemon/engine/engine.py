@@ -94,7 +94,10 @@ class Engine:
 
     def encode_prompt(self, *, text: str | None = None, messages: list | None = None,
                       token_ids: list[int] | None = None, raw: bool = False,
-                      add_generation_prompt: bool = True) -> list[int]:
+                      add_generation_prompt: bool = True, session_id: str | None = None) -> list[int]:
+        """Prompt token ids. Text and messages go through the chat template unless raw; for
+        a session that already has history only the new turn is rendered (see
+        `_continue_chat`), so the template's preamble is not repeated every turn."""
         given = sum(x is not None for x in (text, messages, token_ids))
         if given != 1:
             raise RequestError("give exactly one of prompt text, chat messages or token ids")
@@ -111,8 +114,29 @@ class Engine:
             messages = [{"role": "user", "content": text}]
         if self.chat_template is None:
             raise RequestError("this model has no chat template; send raw text (--raw) or token ids")
-        rendered = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        session = self.sessions.get(session_id) if session_id is not None else None
+        if session is not None and session.token_ids:
+            rendered = self._continue_chat(messages, session.token_ids[-1])
+        else:
+            rendered = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
         return self.tokenizer.encode(rendered, parse_special=True)
+
+    def _continue_chat(self, messages: list, last_token: int) -> str:
+        """The template text of `messages` as the next turn of an existing conversation:
+        render(probe + messages) minus render(probe), after closing the previous assistant
+        turn with the template's own end-of-turn text (less the EOS the model already
+        produced)."""
+        probe = [{"role": "user", "content": "\x00"}, {"role": "assistant", "content": "\x01"}]
+        before = self.chat_template.render(probe, add_generation_prompt=False)
+        after = self.chat_template.render(probe + list(messages), add_generation_prompt=True)
+        if not after.startswith(before):
+            return after      # a template that rewrites earlier turns: render in full
+        end_of_turn = before[before.rindex("\x01") + 1:]
+        if last_token in self.stop_checker.eos_ids:
+            eos_text = self.tokenizer.decode([last_token], special=True)
+            if end_of_turn.startswith(eos_text):
+                end_of_turn = end_of_turn[len(eos_text):]
+        return end_of_turn + after[len(before):]
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     *, session_id: str | None = None, owner: object = None) -> None:
