@@ -92,9 +92,13 @@ class SwapFsOperations(pyfuse3.Operations):
 
     supports_dot_lookup = False
 
-    def __init__(self, space: SwapSpace, limiter: trio.CapacityLimiter | None = None) -> None:
+    def __init__(self, space: SwapSpace, limiter: trio.CapacityLimiter | None = None,
+                 session_namer=None) -> None:
         super().__init__()
         self.space = space
+        # (uid, file name written into /import) -> the session id it is restored as; the
+        # daemon namespaces session ids by owner ("<uid>:<name>")
+        self.session_namer = session_namer or (lambda uid, name: name)
         self.limiter = limiter if limiter is not None else trio.CapacityLimiter(4)
         self._key_ino: dict[tuple, int] = {}
         self._ino_key: dict[int, tuple] = {}
@@ -394,12 +398,13 @@ class SwapFsOperations(pyfuse3.Operations):
         check_session_id(name)
         if name in self._imports:
             raise _err(errno.EEXIST)
+        session_id = self.session_namer(ctx.uid, name)
         try:
-            await self._run(self.space.session_info, name)
+            await self._run(self.space.session_info, session_id)
             raise _err(errno.EEXIST)
         except SwapNotFoundError:
             pass
-        imp = SessionImporter(self.space, name, ctx.uid)
+        imp = SessionImporter(self.space, session_id, ctx.uid)
         self._imports[name] = imp
         fh = self._new_handle(kind="import", importer=imp, name=name, lock=trio.Lock(),
                               error=None)

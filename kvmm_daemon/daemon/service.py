@@ -41,8 +41,9 @@ async def serve_engine(cfg: DaemonConfig, engine: Any, listener: Listener, notif
             await nursery.start(server.serve, open_trio_listener(listener.sock))
             if cfg.engine.mount and getattr(engine, "tier", None) is not None:
                 from swapfs.fuse_mount import serve_fuse
-                await nursery.start(functools.partial(serve_fuse, engine.tier.swap, cfg.engine.mount,
-                                                      allow_other=os.geteuid() == 0))
+                await nursery.start(functools.partial(
+                    serve_fuse, engine.tier.swap, cfg.engine.mount, allow_other=os.geteuid() == 0,
+                    session_namer=lambda uid, name: f"{uid}:{name}"))   # the server's session ids
                 log.info("swapfs view mounted at %s", cfg.engine.mount)
             notifier.ready(f"serving on {listener.path}")
             log.info("serving on %s (pid uid checks via SO_PEERCRED, watchdog %s)", listener.path,

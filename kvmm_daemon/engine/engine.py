@@ -299,7 +299,8 @@ class Engine:
         seq = Sequence(seq_id=next_seq_id(), token_ids=list(prompt), num_prompt_tokens=len(prompt))
         req = Request(request_id, list(prompt), params, [seq], session_id=session_id, owner=owner)
         if session_id is not None:
-            s = self.sessions.get(session_id) or self._new_session(session_id, owner)
+            s = self.sessions.get(session_id) or self._stored_session(session_id) \
+                or self._new_session(session_id, owner)
             if s.busy:
                 raise RequestError(f"session {session_id!r} already has a turn in flight; wait for it to finish")
             s.busy = True
@@ -340,6 +341,15 @@ class Engine:
         if self.tier is not None:
             self.tier.delete_session(session_id)
         del self.sessions[session_id]
+
+    def _stored_session(self, session_id: str) -> Session | None:
+        """A session that exists only on flash (imported through the mount while running)."""
+        if self.tier is None or not self.tier.has_session(session_id):
+            return None
+        info = self.tier.swap.session_info(session_id)
+        s = Session(session_id, info.owner_uid, list(info.token_ids), last_used=time.monotonic(), on_flash=True)
+        self.sessions[session_id] = s
+        return s
 
     def _new_session(self, session_id: str, owner: object) -> Session:
         s = Session(session_id, owner, [], last_used=time.monotonic())

@@ -8,9 +8,12 @@ Run: python crash_writer.py SWAP_DIR FIRST_VERSION
 """
 from __future__ import annotations
 
+import os
 import sys
 
-from conftest import LAYOUT, payload, swap_size
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from tests.swapfs.conftest import LAYOUT, payload, swap_size
 from swapfs.swap_space import SwapSpace
 
 SESSIONS = ("s0", "s1", "s2", "s3")

@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import LAYOUT, payload
+from tests.swapfs.conftest import LAYOUT, payload
 from swapfs import checksum
 from swapfs.errors import SwapConfigError
 from swapfs.slot_store import SlotStore

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import trio
 
-from conftest import LAYOUT, payload, swap_size
+from tests.swapfs.conftest import LAYOUT, payload, swap_size
 from swapfs.errors import SessionExistsError, SwapFormatError
 from swapfs.export_format import ExportReader, SessionImporter, build_preamble
 from swapfs.layout import KVLayout

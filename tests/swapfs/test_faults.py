@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from conftest import LAYOUT, needs_fuse, needs_loop, payload, swap_size
+from tests.swapfs.conftest import LAYOUT, needs_fuse, needs_loop, payload, swap_size
 from swapfs.errors import SwapIOError, SwapNoSpaceError
 from swapfs.swap_space import SwapSpace
 

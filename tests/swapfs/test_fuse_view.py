@@ -14,7 +14,7 @@ import psutil
 import pytest
 import trio
 
-from conftest import LAYOUT, needs_fuse, payload, swap_size
+from tests.swapfs.conftest import LAYOUT, needs_fuse, payload, swap_size
 from swapfs.export_format import MAGIC
 from swapfs.fuse_mount import mount_entry
 from swapfs.slot_store import HEADER_BYTES, SUPER_BYTES, slot_stride

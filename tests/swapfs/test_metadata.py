@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import LAYOUT, payload, swap_size
-from crash_writer import SESSIONS, session_blocks, session_tokens
+from tests.swapfs.conftest import LAYOUT, payload, swap_size
+from tests.swapfs.crash_writer import SESSIONS, session_blocks, session_tokens
 from swapfs.errors import SwapNotFoundError
 from swapfs.metadata import Metadata, SessionRow, SlotRecord
 from swapfs.swap_space import SwapSpace

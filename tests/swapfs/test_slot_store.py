@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import LAYOUT, payload
+from tests.swapfs.conftest import LAYOUT, payload
 from swapfs.aligned_buffer import AlignedBuffer
 from swapfs.errors import SlotCorruptError, SwapBusyError
 from swapfs.slot_store import HEADER_BYTES, SUPER_BYTES, SlotStore

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LAYOUT, payload, swap_size
+from tests.swapfs.conftest import LAYOUT, payload, swap_size
 from swapfs.aligned_buffer import AlignedBuffer
 from swapfs.errors import SlotCorruptError, SwapFullError, SwapNotFoundError
 from swapfs.layout import KVLayout
