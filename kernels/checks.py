@@ -108,24 +108,28 @@ def _check_metadata(block_tables: torch.Tensor, seq_lens: torch.Tensor, num_seqs
 
 
 def _check_block_values(k_cache: torch.Tensor, block_tables: torch.Tensor,
-                        seq_lens: torch.Tensor, max_len: int) -> None:
+                        seq_lens: torch.Tensor, lengths: list[int]) -> None:
     """Every block a sequence's context touches is a valid block id (never -1).
 
-    Runs on every layer of every step, so the common case is four small tensor ops."""
+    Runs on every layer of every step, so the common case is a few small tensor ops."""
     num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
-    needed = -(-max_len // block_size)
+    longest = max(lengths, default=0)
+    needed = -(-longest // block_size)
     if needed > block_tables.shape[1]:
-        raise ValueError(f"a sequence of {max_len} tokens needs {needed} blocks of {block_size} "
+        raise ValueError(f"a sequence of {longest} tokens needs {needed} blocks of {block_size} "
                          f"but block_tables has {block_tables.shape[1]} columns; widen "
                          f"block_tables")
     if needed == 0:
         return
     ids = block_tables[:, :needed]
-    first_token = torch.arange(0, needed * block_size, block_size, dtype=seq_lens.dtype)
-    used = first_token[None, :] < seq_lens[:, None]
-    lowest, highest = torch.aminmax(torch.where(used, ids, 0))
+    used = None                                      # None: every sequence uses every column
+    if -(-min(lengths) // block_size) < needed:
+        first_token = torch.arange(0, needed * block_size, block_size, dtype=seq_lens.dtype)
+        used = first_token[None, :] < seq_lens[:, None]
+    lowest, highest = torch.aminmax(ids if used is None else torch.where(used, ids, 0))
     if int(lowest) >= 0 and int(highest) < num_blocks:
         return
+    used = torch.ones_like(ids, dtype=torch.bool) if used is None else used
     seq, col = (int(x) for x in (used & ((ids < 0) | (ids >= num_blocks))).nonzero()[0])
     raise ValueError(f"block_tables[{seq}, {col}] = {int(ids[seq, col])} lies inside the "
                      f"sequence's {int(seq_lens[seq])} tokens but is not a block id in "
@@ -142,7 +146,7 @@ def check_decode(q, k_cache, v_cache, block_tables, seq_lens, scale) -> None:
         if min(lengths) < 1:
             raise ValueError(f"seq_lens has an entry {min(lengths)} < 1; a decoding sequence "
                              f"holds at least its new token")
-        _check_block_values(k_cache, block_tables, seq_lens, max(lengths))
+        _check_block_values(k_cache, block_tables, seq_lens, lengths)
 
 
 def check_prefill(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale) -> None:
@@ -173,7 +177,7 @@ def check_prefill(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 
         if query_len > seq_len:
             raise ValueError(f"sequence {s} has {query_len} query tokens but seq_lens {seq_len}; "
                              f"seq_lens counts the cached prefix plus the queries")
-    _check_block_values(k_cache, block_tables, seq_lens, max(lengths))
+    _check_block_values(k_cache, block_tables, seq_lens, lengths)
 
 
 def check_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:

@@ -15,7 +15,8 @@ class RotaryEmbedding:
     """cos/sin tables for positions [0, max_positions), computed once.
 
     Attributes:
-        cos, sin: float32 [max_positions, rope_dim // 2]; row p holds the angles of position p.
+        cis: complex64 [max_positions, rope_dim // 2]; row p holds e^(i * angle) for position
+            p, so a rotation is one complex multiply of the pairs viewed as complex numbers.
     """
 
     def __init__(self, rope_dim: int, max_positions: int, theta: float) -> None:
@@ -23,21 +24,18 @@ class RotaryEmbedding:
         inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
         self.rope_dim = rope_dim
-        self.cos = angles.cos().to(torch.float32)
-        self.sin = angles.sin().to(torch.float32)
+        self.cis = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
-    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [T, 1, rope_dim/2] for `positions` [T]: computed once per step and
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """e^(i * angle) [T, 1, rope_dim/2] for `positions` [T]: computed once per step and
         shared by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return self.cis[positions].unsqueeze(1)
 
-    def apply(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Rotate x [T, heads, head_dim] by precomputed `angles`; returns a new tensor."""
-        cos, sin = angles
+    def apply(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, head_dim] (float32) by precomputed `angles`; a new tensor."""
         t, heads, dim = x.shape
-        rot = x[..., : self.rope_dim].reshape(t, heads, self.rope_dim // 2, 2)
-        x0, x1 = rot[..., 0], rot[..., 1]
-        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).reshape(t, heads, self.rope_dim)
+        pairs = x[..., : self.rope_dim].reshape(t, heads, self.rope_dim // 2, 2)
+        out = torch.view_as_real(torch.view_as_complex(pairs) * angles).reshape(t, heads, self.rope_dim)
         if self.rope_dim == dim:
             return out
         return torch.cat((out, x[..., self.rope_dim:]), dim=-1)

@@ -38,6 +38,14 @@ def test_prefill_matches_reference(make_case, check_close, heads, block_size, he
     check_close(out, reference.paged_attention_prefill(*case.prefill_args))
 
 
+def test_decode_in_chunks_of_sequences_matches_reference(make_case, check_close, monkeypatch):
+    case = make_case([1, 37, 70, 16, 50], num_heads=9, num_kv_heads=3)
+    # 70 tokens x 3 heads x 64 dims x 4 bytes x (K, V) per sequence: two sequences a chunk
+    monkeypatch.setattr(torch_paged, "GATHER_CHUNK_BYTES", 2 * 70 * 3 * 64 * 4 * 2)
+    out = torch_paged.paged_attention_decode(*case.decode_args)
+    check_close(out, reference.paged_attention_decode(*case.decode_args))
+
+
 def test_float16_matches_reference(make_case, check_close):
     case = make_case([24, 50, 40], query_lens=[24, 13, 1], dtype=torch.float16)
     check_close(torch_paged.paged_attention_prefill(*case.prefill_args),
