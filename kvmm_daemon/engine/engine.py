@@ -14,6 +14,7 @@ blocks stay in the prefix cache, so a later turn usually still hits them).
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -32,6 +33,8 @@ from kvmm_daemon.engine.sequence import Request, RequestStatus, Sequence, next_s
 from kvmm_daemon.engine.stop_checker import StopChecker
 from kvmm_daemon.errors import CapacityError, RequestError
 from kvmm_daemon.kv.kv_manager import KVCacheManager
+
+log = logging.getLogger("kvmm.engine")
 
 
 @dataclass(slots=True)
@@ -205,7 +208,16 @@ class Engine:
                                      self.kv.block_table(s.seq.seq_id), s.reaches_end)
                       for s in sched.scheduled]
             t0 = time.perf_counter()
-            logits = self.runner.execute(chunks, self.kv.take_pending_copies())
+            try:
+                logits = self.runner.execute(chunks, self.kv.take_pending_copies())
+            except Exception as exc:   # a bug or a broken model must not take the service down
+                log.exception("model step failed; failing the %d requests in it", len(chunks))
+                for req in {s.request.request_id: s.request for s in sched.scheduled}.values():
+                    req.error = f"the engine failed while computing this request: {exc}"
+                    self._finish(req, reason="error")
+                    outputs[req.request_id] = self._output(req)
+                self._snapshot = self._take_snapshot()
+                return list(outputs.values())
             if self.tier is not None:
                 self.tier.record_prefill(sched.num_tokens - len(chunks), time.perf_counter() - t0)
             self._steps += 1

@@ -191,3 +191,18 @@ def test_stop_string_cuts_text(make_engine):
     res = engine.generate(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True, stop=(stop,)))
     assert res.choices[0].finish_reason == "stop"
     assert res.choices[0].text == full[: full.index(stop)]
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine, monkeypatch):
+    engine = make_engine()
+    engine.add_request("boom", PROMPT, SamplingParams(max_tokens=4))
+    real = engine.runner.execute
+
+    def broken(*a, **kw):
+        raise RuntimeError("injected fault")
+    monkeypatch.setattr(engine.runner, "execute", broken)
+    outs = engine.step()
+    assert outs[0].finished and "injected fault" in outs[0].error
+    monkeypatch.setattr(engine.runner, "execute", real)
+    assert_no_leaks(engine)
+    assert greedy(engine, PROMPT, n=3) == greedy(make_engine(), PROMPT, n=3)
