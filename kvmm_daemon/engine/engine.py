@@ -18,38 +18,24 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 
 from kvmm_daemon.config import EngineConfig
 from kvmm_daemon.engine import choices
 from kvmm_daemon.engine.engine_stats import EngineStats, SessionInfo
 from kvmm_daemon.engine.flash_tier import FlashTier
 from kvmm_daemon.engine.model_runner import ModelRunner, ScheduledChunk
-from kvmm_daemon.engine.outputs import (Choice, ChoiceDelta, GenerateResult, RequestOutput, Timings,
-                                        Usage)
+from kvmm_daemon.engine.outputs import Choice, GenerateResult, RequestOutput
+from kvmm_daemon.engine.request_outputs import error_output, request_output
+from kvmm_daemon.engine.prompts import PromptEncoder
 from kvmm_daemon.engine.sampling_params import SamplingParams
 from kvmm_daemon.engine.scheduler import Scheduler
 from kvmm_daemon.engine.sequence import Request, RequestStatus, Sequence, next_seq_id
+from kvmm_daemon.engine.sessions import SessionTable
 from kvmm_daemon.engine.stop_checker import StopChecker
 from kvmm_daemon.errors import CapacityError, RequestError
 from kvmm_daemon.kv.kv_manager import KVCacheManager
 
 log = logging.getLogger("kvmm.engine")
-
-
-@dataclass(slots=True)
-class Session:
-    """Invariants: seq_id is not None iff the session holds parked KV for token_ids[:-1]
-    (the last token's KV is computed by the next turn); busy iff a request of this session
-    is in flight (then seq_id belongs to that request)."""
-
-    session_id: str
-    owner: object
-    token_ids: list[int]
-    seq_id: int | None = None
-    busy: bool = False
-    last_used: float = 0.0
-    on_flash: bool = False       # the current history's KV is committed in swapfs
 
 
 class Engine:
@@ -65,18 +51,17 @@ class Engine:
         self.tier = FlashTier(swap, runner.kv_cache, kv, preemption=cfg.preemption) if swap is not None else None
         self.scheduler = Scheduler(kv, max_num_seqs=cfg.max_num_seqs,
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
-                                   release_idle=self._release_oldest_session, tier=self.tier)
+                                   release_idle=lambda: self.sessions.release_oldest(), tier=self.tier)
         self.stop_checker = StopChecker(self.tokenizer, cfg.max_model_len)
+        self.prompts = PromptEncoder(self.tokenizer, self.chat_template, self.spec.vocab_size,
+                                     self.stop_checker.eos_ids)
         self.requests: dict[str, Request] = {}
-        self.sessions: dict[str, Session] = {}
+        self.sessions = SessionTable(kv, self.tier)
         self._lock = threading.Lock()
         self._inbox: list[tuple] = []
         self._steps = 0
         self._tokens_computed = 0
-        if self.tier is not None:           # sessions committed to flash survive restarts
-            for info in self.tier.stored_sessions():
-                self.sessions[info.session_id] = Session(info.session_id, info.owner_uid, list(info.token_ids),
-                                                         last_used=time.monotonic(), on_flash=True)
+        self.sessions.load_stored()         # sessions committed to flash survive restarts
         self._snapshot: EngineStats = self._take_snapshot()
 
     @classmethod
@@ -91,55 +76,19 @@ class Engine:
         if self.tier is not None:
             self.tier.flush()
             self.tier.swap.close()
-            self.tier = self.scheduler.tier = None
+            self.tier = self.scheduler.tier = self.sessions.tier = None
 
     # --- thread-safe API ------------------------------------------------------------------
 
     def encode_prompt(self, *, text: str | None = None, messages: list | None = None,
                       token_ids: list[int] | None = None, raw: bool = False,
                       add_generation_prompt: bool = True, session_id: str | None = None) -> list[int]:
-        """Prompt token ids. Text and messages go through the chat template unless raw; for
-        a session that already has history only the new turn is rendered (see
-        `_continue_chat`), so the template's preamble is not repeated every turn."""
-        given = sum(x is not None for x in (text, messages, token_ids))
-        if given != 1:
-            raise RequestError("give exactly one of prompt text, chat messages or token ids")
-        if token_ids is not None:
-            vocab = self.spec.vocab_size
-            if not token_ids or not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
-                raise RequestError(f"token ids must be a non-empty list of integers in 0..{vocab - 1}")
-            return list(token_ids)
-        if messages is None and raw:
-            if not isinstance(text, str):
-                raise RequestError("prompt text must be a string")
-            return self.tokenizer.encode(text)
-        if messages is None:
-            messages = [{"role": "user", "content": text}]
-        if self.chat_template is None:
-            raise RequestError("this model has no chat template; send raw text (--raw) or token ids")
+        """Prompt token ids (see prompts.encode_prompt); a session with history gets only
+        its new turn rendered."""
         session = self.sessions.get(session_id) if session_id is not None else None
-        if session is not None and session.token_ids:
-            rendered = self._continue_chat(messages, session.token_ids[-1])
-        else:
-            rendered = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.encode(rendered, parse_special=True)
-
-    def _continue_chat(self, messages: list, last_token: int) -> str:
-        """The template text of `messages` as the next turn of an existing conversation:
-        render(probe + messages) minus render(probe), after closing the previous assistant
-        turn with the template's own end-of-turn text (less the EOS the model already
-        produced)."""
-        probe = [{"role": "user", "content": "\x00"}, {"role": "assistant", "content": "\x01"}]
-        before = self.chat_template.render(probe, add_generation_prompt=False)
-        after = self.chat_template.render(probe + list(messages), add_generation_prompt=True)
-        if not after.startswith(before):
-            return after      # a template that rewrites earlier turns: render in full
-        end_of_turn = before[before.rindex("\x01") + 1:]
-        if last_token in self.stop_checker.eos_ids:
-            eos_text = self.tokenizer.decode([last_token], special=True)
-            if end_of_turn.startswith(eos_text):
-                end_of_turn = end_of_turn[len(eos_text):]
-        return end_of_turn + after[len(before):]
+        return self.prompts.encode(text=text, messages=messages, token_ids=token_ids, raw=raw,
+                                   add_generation_prompt=add_generation_prompt,
+                                   history=session.token_ids if session is not None else None)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     *, session_id: str | None = None, owner: object = None) -> None:
@@ -215,7 +164,7 @@ class Engine:
                 for req in {s.request.request_id: s.request for s in sched.scheduled}.values():
                     req.error = f"the engine failed while computing this request: {exc}"
                     self._finish(req, reason="error")
-                    outputs[req.request_id] = self._output(req)
+                    outputs[req.request_id] = request_output(req)
                 self._snapshot = self._take_snapshot()
                 return list(outputs.values())
             if self.tier is not None:
@@ -234,10 +183,10 @@ class Engine:
             for rid, rows in by_req.items():
                 req = self.requests[rid]
                 self._advance(req, logits[rows])
-                outputs[rid] = self._output(req)
+                outputs[rid] = request_output(req)
         if self.tier is not None:
             self.tier.flush()
-            self._offload_idle_sessions()
+            self.sessions.offload_idle(self.cfg.session_idle_s)
         self._snapshot = self._take_snapshot()
         return list(outputs.values())
 
@@ -266,7 +215,7 @@ class Engine:
             for seq in [s for s in req.seqs if s.finish_reason]:
                 req.seqs.remove(seq)
                 req.finished.append(seq)
-                if not self._park_session(req, seq):
+                if not self.sessions.park(req.session_id, seq):
                     self.kv.free(seq.seq_id)
         if not req.seqs:
             self._finish(req)
@@ -304,15 +253,14 @@ class Engine:
                 getattr(self, f"_cmd_{cmd[0]}")(*cmd[1:], outputs=outputs)
             except RequestError as exc:
                 if cmd[0] == "add":
-                    outputs[cmd[1]] = self._error_output(cmd[1], len(cmd[2]), str(exc))
+                    outputs[cmd[1]] = error_output(cmd[1], len(cmd[2]), str(exc))
 
     def _cmd_add(self, request_id, prompt, params, session_id, owner, *, outputs) -> None:
         self._check_fits(len(prompt), params, session_id)
         seq = Sequence(seq_id=next_seq_id(), token_ids=list(prompt), num_prompt_tokens=len(prompt))
         req = Request(request_id, list(prompt), params, [seq], session_id=session_id, owner=owner)
         if session_id is not None:
-            s = self.sessions.get(session_id) or self._stored_session(session_id) \
-                or self._new_session(session_id, owner)
+            s = self.sessions.get_or_create(session_id, owner)
             if s.busy:
                 raise RequestError(f"session {session_id!r} already has a turn in flight; wait for it to finish")
             s.busy = True
@@ -334,11 +282,10 @@ class Engine:
         if req is None:
             return
         self._finish(req, reason="abort")
-        outputs[request_id] = self._output(req)
+        outputs[request_id] = request_output(req)
 
     def _cmd_open(self, session_id, owner, *, outputs) -> None:
-        if session_id not in self.sessions:
-            self._new_session(session_id, owner)
+        self.sessions.get_or_create(session_id, owner)
 
     def _cmd_delete(self, session_id, *, outputs) -> None:
         s = self.sessions.get(session_id)
@@ -347,96 +294,8 @@ class Engine:
         for req in list(self.requests.values()):
             if req.session_id == session_id:
                 self._finish(req, reason="abort")
-                outputs[req.request_id] = self._output(req)
-        if s.seq_id is not None:
-            self.kv.free(s.seq_id)
-        if self.tier is not None:
-            self.tier.delete_session(session_id)
-        del self.sessions[session_id]
-
-    def _stored_session(self, session_id: str) -> Session | None:
-        """A session that exists only on flash (imported through the mount while running)."""
-        if self.tier is None or not self.tier.has_session(session_id):
-            return None
-        info = self.tier.swap.session_info(session_id)
-        s = Session(session_id, info.owner_uid, list(info.token_ids), last_used=time.monotonic(), on_flash=True)
-        self.sessions[session_id] = s
-        return s
-
-    def _new_session(self, session_id: str, owner: object) -> Session:
-        s = Session(session_id, owner, [], last_used=time.monotonic())
-        self.sessions[session_id] = s
-        return s
-
-    def _park_session(self, req: Request, seq: Sequence) -> bool:
-        """Keep a finished session turn's KV for the next turn. True if parked."""
-        s = self.sessions.get(req.session_id) if req.session_id else None
-        if s is None:
-            return False
-        s.busy = False
-        s.token_ids = list(seq.token_ids)
-        s.last_used = time.monotonic()
-        if self.kv.num_tokens(seq.seq_id) != len(seq.token_ids) - 1:
-            return False
-        s.seq_id = seq.seq_id
-        if self.tier is not None:    # write-through: the turn is committed once on flash
-            s.on_flash = self.tier.save_session(s.session_id, s.owner if isinstance(s.owner, int) else 0,
-                                                s.token_ids, s.seq_id)
-        return True
-
-    def _release_oldest_session(self) -> bool:
-        parked = [s for s in self.sessions.values() if s.seq_id is not None and not s.busy]
-        if not parked:
-            return False
-        oldest = min(parked, key=lambda s: s.last_used)
-        self.kv.free(oldest.seq_id)
-        oldest.seq_id = None
-        return True
-
-    def _offload_idle_sessions(self) -> None:
-        """Release the memory of sessions idle longer than session_idle_s whose KV is
-        committed on flash; their next turn loads it back at admission."""
-        limit = time.monotonic() - self.cfg.session_idle_s
-        for s in self.sessions.values():
-            if s.seq_id is not None and not s.busy and s.on_flash and s.last_used <= limit:
-                self.kv.free(s.seq_id)
-                s.seq_id = None
-
-    # --- outputs ---------------------------------------------------------------------------
-
-    def _usage(self, req: Request) -> Usage:
-        completion = sum(len(s.output_token_ids) for s in req.all_seqs())
-        return Usage(req.num_prompt_tokens, max(0, req.num_cached_prompt_tokens), completion)
-
-    def _timings(self, req: Request) -> Timings:
-        ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
-        computed = req.num_prompt_tokens - max(0, req.num_cached_prompt_tokens)
-        prefill = computed / ttft if ttft else None
-        decode = None
-        if req.first_token_time is not None and req.finish_time is not None:
-            seqs = req.all_seqs()
-            after_first = sum(len(s.output_token_ids) for s in seqs) - len(seqs)
-            span = req.finish_time - req.first_token_time
-            if after_first > 0 and span > 0:
-                decode = after_first / span
-        return Timings(ttft, prefill, decode)
-
-    def _output(self, req: Request) -> RequestOutput:
-        deltas, reasons = [], []
-        if req.params.beam_width > 1:
-            # beams are re-ranked every step: stream nothing until the final choices exist
-            live = req.finished if req.is_finished else []
-        else:
-            live = sorted(req.all_seqs(), key=lambda s: s.choice_index)
-        for seq in live:
-            toks, text = StopChecker.take_delta(seq, req.params)
-            deltas.append(ChoiceDelta(seq.choice_index, toks, text))
-            reasons.append(seq.finish_reason)
-        return RequestOutput(req.request_id, deltas, req.is_finished, reasons,
-                             self._usage(req), self._timings(req), req.error)
-
-    def _error_output(self, request_id: str, prompt_len: int, error: str) -> RequestOutput:
-        return RequestOutput(request_id, [], True, [], Usage(prompt_len, 0, 0), Timings(None, None, None), error)
+                outputs[req.request_id] = request_output(req)
+        self.sessions.delete(session_id)
 
     def _take_snapshot(self) -> EngineStats:
         return EngineStats.collect(self)

@@ -1,7 +1,7 @@
 """What the engine reports to its callers: per-step deltas and final results."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True, slots=True)
