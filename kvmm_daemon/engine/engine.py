@@ -74,8 +74,7 @@ class Engine:
     def close(self) -> None:
         """Release the flash tier (flushes staged prefix blocks, closes the store)."""
         if self.tier is not None:
-            self.tier.flush()
-            self.tier.swap.close()
+            self.tier.close()
             self.tier = self.scheduler.tier = self.sessions.tier = None
 
     # --- thread-safe API ------------------------------------------------------------------

@@ -34,6 +34,7 @@ from swapfs.errors import SwapError
 log = logging.getLogger("kvmm.engine")
 
 MAX_STAGED_BLOCKS = 64
+LOG_EVERY = 100
 
 
 @dataclass(slots=True)
@@ -62,6 +63,7 @@ class FlashTier:
             exists iff the sequence holds no blocks in `kv` and its handles are live.
         _staged: (hash, bytes copy) of evicted cached blocks not yet written (<= MAX_STAGED).
         prefill_tps: EWMA of measured prefill tokens/s (0 until the first measurement).
+        _logged: (operation, error kind) -> failures so far (drives log rate limiting).
     """
 
     def __init__(self, swap, kv_cache: KVCache, kv: KVCacheManager, *, preemption: str = "auto") -> None:
@@ -74,6 +76,7 @@ class FlashTier:
         self._staged: list[tuple[bytes, np.ndarray]] = []
         self.prefill_tps = 0.0
         self.stats = TierStats()
+        self._logged: dict[tuple[str, str], int] = {}
         kv.pool.on_evict = self._on_evict
 
     # --- measurements and the cost model ------------------------------------------------
@@ -97,9 +100,13 @@ class FlashTier:
         return swap_s < tokens / self.prefill_tps
 
     def _error(self, what: str, exc: SwapError) -> None:
+        """Count a failure; log it at WARNING the first time per (operation, kind) and every
+        LOG_EVERY-th time after, so a dead device does not flood the log every step."""
         kind = getattr(exc, "kind", type(exc).__name__)
         self.stats.errors[kind] = self.stats.errors.get(kind, 0) + 1
-        log.warning("flash tier: %s failed, recomputing instead: %s", what, exc)
+        seen = self._logged[what, kind] = self._logged.get((what, kind), 0) + 1
+        if seen == 1 or seen % LOG_EVERY == 0:
+            log.warning("flash tier: %s failed (%d times so far), recomputing instead: %s", what, seen, exc)
 
     def _views(self, block_ids: list[int]) -> list:
         return [self.kv_cache.block_view(b).numpy() for b in block_ids]
@@ -169,7 +176,12 @@ class FlashTier:
         return entry.tokens
 
     def _load_session(self, session_id: str, seq: Sequence, table: list[int], first: int) -> int:
-        info = self.swap.session_info(session_id)
+        try:
+            info = self.swap.session_info(session_id)
+        except SwapError as exc:            # deleted meanwhile, or the metadata is unreadable
+            if not isinstance(exc, KeyError):
+                self._error("session lookup", exc)
+            return 0
         if tuple(seq.token_ids[:len(info.token_ids)]) != info.token_ids:
             return 0
         nblocks = info.num_blocks
@@ -219,9 +231,13 @@ class FlashTier:
     # --- sessions -----------------------------------------------------------------------
 
     def has_session(self, session_id: str) -> bool:
+        """True iff the session is stored; an unreadable store counts as "not stored"."""
         try:
             self.swap.session_info(session_id)
         except KeyError:
+            return False
+        except SwapError as exc:
+            self._error("session lookup", exc)
             return False
         return True
 
@@ -245,6 +261,15 @@ class FlashTier:
         except SwapError as exc:
             if not isinstance(exc, KeyError):
                 self._error("session delete", exc)
+
+    def close(self) -> None:
+        """Flush staged prefix blocks and close the store. Never raises: a device that is
+        gone (EIO, an aborted FUSE connection: ENOTCONN from close) is logged and left."""
+        self.flush()
+        try:
+            self.swap.close()
+        except (SwapError, OSError) as exc:
+            log.warning("flash tier: closing the swap space failed (ignored): %s", exc)
 
     def statistics(self) -> dict:
         from dataclasses import asdict

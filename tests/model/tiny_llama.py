@@ -152,3 +152,24 @@ def write_tiny_llama(directory: str | Path, *, vocab: int = 320, hidden: int = 6
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
         "chat_template": CHAT_TEMPLATE, "model_max_length": context}))
     return path
+
+
+def write_sensitive_llama(directory: str | Path, *, vocab: int = 320) -> Path:
+    """The tests' tiny Llama, untied and with sharper attention, so that its greedy
+    continuation depends on the KV of the whole context: a changed block of 4 tokens
+    anywhere in a 40-100 token history changed the next 6 greedy tokens in 40 of 40 tries.
+    (The shared tiny model ties its embeddings, so its logits are ruled by the current
+    token's own embedding: it repeats its input whatever the KV holds, and wrong KV would
+    go unnoticed.)"""
+    from safetensors.torch import load_file, save_file
+
+    path = write_tiny_llama(directory, vocab=vocab, hidden=64, layers=2, heads=4, kv_heads=2,
+                            intermediate=128, seed=0, tied=False)
+    tensors = load_file(str(path / "model.safetensors"))
+    scales = {"q_proj": 4.0, "k_proj": 4.0, "v_proj": 2.0, "o_proj": 2.0, "embed_tokens": 0.3}
+    for name in tensors:
+        for part, scale in scales.items():
+            if part in name:
+                tensors[name] = tensors[name] * scale
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
