@@ -20,7 +20,6 @@ a session ahead of its request (the load happens at admission, before its first 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -31,7 +31,6 @@ import random
 import sys
 import time
 import traceback
-from pathlib import Path
 
 from kvmm_daemon.config import EngineConfig
 from kvmm_daemon.engine.engine import Engine
