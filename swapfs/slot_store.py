@@ -177,8 +177,11 @@ class SlotStore:
             self._pool.shutdown(wait=True)
             self._pool = None
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            try:
+                os.close(fd)
+            except OSError:     # a dead device (ENOTCONN, EIO): the fd is released anyway
+                pass
         for buf in self._scratch:
             buf.close()
         self._scratch.clear()

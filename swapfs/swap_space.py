@@ -140,8 +140,10 @@ class SwapSpace(PrefixMethods, SessionMethods):
                 self._flush_touched()
             except SwapError as exc:
                 self._record(exc)
-            self._store.close()
-            self._meta.close()
+            try:
+                self._store.close()
+            finally:
+                self._meta.close()
 
     def __enter__(self) -> SwapSpace:
         return self
