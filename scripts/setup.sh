@@ -41,6 +41,11 @@ if [ "$(id -u)" -eq 0 ]; then
   fi
 fi
 
+# bcc finds tracepoints through tracefs; some boards boot without it mounted.
+if [ "$(id -u)" -eq 0 ] && [ -d /sys/kernel/tracing ] && ! mountpoint -q /sys/kernel/tracing; then
+  mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
