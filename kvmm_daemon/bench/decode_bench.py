@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 
 from kvmm_daemon.config import EngineConfig
 from kvmm_daemon.engine.sampling_params import SamplingParams
@@ -65,6 +64,8 @@ def _time(fn, reps: int) -> float:
 
 
 def attention_overhead(spec, block_size: int = 16) -> list[dict]:
+    import torch  # here, not at import: `kvmm --help` stays fast
+
     from kernels import paged_attention_decode
     from kernels.torch_paged import contiguous_decode_sdpa
 
@@ -121,6 +122,8 @@ def register_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_decode_bench(args: argparse.Namespace) -> dict:
+    import torch  # here, not at import: `kvmm --help` stays fast
+
     torch.set_num_threads(args.threads)
     engine = _engine(args)
     measure_decode(engine, 1, 4, tag=99)      # warm-up

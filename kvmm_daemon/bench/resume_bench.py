@@ -34,7 +34,6 @@ import statistics
 import tempfile
 import time
 
-import torch
 
 from kvmm_daemon.config import EngineConfig
 from kvmm_daemon.engine.sampling_params import SamplingParams
@@ -185,6 +184,8 @@ def measure_pressure(args: argparse.Namespace, swap_dir: str, block_bytes: int) 
 
 
 def run_resume_bench(args: argparse.Namespace) -> dict:
+    import torch  # here, not at import: `kvmm --help` stays fast
+
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
     work = tempfile.mkdtemp(prefix="kvmm-bench-resume-", dir=args.swap_dir)
