@@ -4,9 +4,11 @@ The public wrappers in `kernels/__init__.py` call these before dispatching, so e
 may assume well-formed input. Two kinds of check:
 
 - *layout checks* read only shapes, dtypes, strides and devices; they are cheap and always run.
-- *value checks* read the metadata tensors (block tables, lengths, slots). On CPU they cost a
-  few microseconds and always run; on CUDA they would force a device sync every layer, so
-  they are skipped there (as in vLLM, whose kernels trust their metadata).
+- *value checks* read the metadata tensors (block tables, lengths, slots). On CPU they cost
+  10-15 us a call; a caller that validated the same metadata already (the model checks at its
+  first layer, every layer shares the metadata) passes `values=False`. On CUDA they would
+  force a device sync every layer, so they are skipped there (as in vLLM, whose kernels trust
+  their metadata).
 
 Every caller mistake raises ValueError (TypeError for a non-tensor) with a one-line message
 naming the argument and the fix. The cache layout accepted is `[num_blocks, block_size,
@@ -26,6 +28,11 @@ def _tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     return t
+
+
+def device_of(name: str, t: object) -> torch.device:
+    """t's device; TypeError naming the argument when t is not a tensor."""
+    return _tensor(name, t).device
 
 
 def _ndim(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
@@ -136,12 +143,12 @@ def _check_block_values(k_cache: torch.Tensor, block_tables: torch.Tensor,
                      f"[0, {num_blocks}); fill the table before the kernel runs")
 
 
-def check_decode(q, k_cache, v_cache, block_tables, seq_lens, scale) -> None:
+def check_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, *, values=True) -> None:
     check_cache_pair(k_cache, v_cache)
     _check_query(q, k_cache)
     _check_metadata(block_tables, seq_lens, q.shape[0], k_cache.device)
     _check_scale(scale)
-    if k_cache.device.type == "cpu" and q.shape[0] > 0:
+    if values and k_cache.device.type == "cpu" and q.shape[0] > 0:
         lengths = seq_lens.tolist()
         if min(lengths) < 1:
             raise ValueError(f"seq_lens has an entry {min(lengths)} < 1; a decoding sequence "
@@ -149,7 +156,8 @@ def check_decode(q, k_cache, v_cache, block_tables, seq_lens, scale) -> None:
         _check_block_values(k_cache, block_tables, seq_lens, lengths)
 
 
-def check_prefill(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale) -> None:
+def check_prefill(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, *,
+                  values=True) -> None:
     check_cache_pair(k_cache, v_cache)
     _check_query(q, k_cache)
     _tensor("query_start_loc", query_start_loc)
@@ -163,7 +171,7 @@ def check_prefill(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 
                          f"{k_cache.device}")
     _check_metadata(block_tables, seq_lens, num_seqs, k_cache.device)
     _check_scale(scale)
-    if k_cache.device.type != "cpu" or num_seqs == 0:
+    if not values or k_cache.device.type != "cpu" or num_seqs == 0:
         return
     starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
     if starts[0] != 0 or starts[-1] != q.shape[0]:
@@ -180,7 +188,7 @@ def check_prefill(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 
     _check_block_values(k_cache, block_tables, seq_lens, lengths)
 
 
-def check_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
+def check_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping, *, values=True) -> None:
     check_cache_pair(k_cache, v_cache)
     _tensor("k", k)
     _tensor("v", v)
@@ -204,7 +212,7 @@ def check_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
     if slot_mapping.device != k_cache.device:
         raise ValueError(f"slot_mapping is on {slot_mapping.device} but the cache on "
                          f"{k_cache.device}")
-    if k_cache.device.type == "cpu" and k.shape[0] > 0:
+    if values and k_cache.device.type == "cpu" and k.shape[0] > 0:
         num_slots = k_cache.shape[0] * k_cache.shape[1]
         top, bottom = int(slot_mapping.max()), int(slot_mapping.min())
         if top >= num_slots or bottom < -1:

@@ -19,9 +19,10 @@ its own (its queries amortise the Python loop), with a causal mask shifted by it
 prefix, or SDPA's `is_causal` when there is no prefix.
 
 Prior art: vLLM's CPU torch-SDPA backend, which also runs SDPA per sequence for prefill.
-Left out: fused custom CPU kernels (vLLM's C++ paged kernels) that would read the blocks in
-place instead of copying them. The copy is the price of paging here: with SmolLM2's shapes at context 256 on 2 threads, paged decode takes about 1.6-1.9x the
-time of `contiguous_decode_sdpa` (the same math on unpaged tensors) at batch 8-32, 2x at batch 1.
+The copy is the price of paging here: with SmolLM2's shapes at context 256 on 2 threads, paged
+decode takes about 1.6-1.9x the time of `contiguous_decode_sdpa` (the same math on unpaged
+tensors) at batch 8-32, 2x at batch 1. The native kernels (`cpu_native.py`) read the blocks in
+place instead and serve CPU decode whenever they are built; this path remains the fallback.
 """
 from __future__ import annotations
 

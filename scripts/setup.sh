@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 
-APT_PKGS=(fuse3 libfuse3-dev pkg-config python3-bpfcc bpfcc-tools linux-headers-amd64 sqlite3 liburing-dev)
+APT_PKGS=(fuse3 libfuse3-dev pkg-config python3-bpfcc bpfcc-tools linux-headers-amd64 sqlite3 liburing-dev g++ python3-dev)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -67,5 +67,11 @@ fi
 site=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
   ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
+fi
+# The native CPU paged-attention kernels, compiled for this machine (-march=native) into
+# .venv/torch_extensions; skipped when the library is newer than its sources. Not fatal: without
+# it the torch path serves CPU decode (and the first kernel call logs why).
+if ! "$VPY" -c 'from kernels import cpu_native; print("setup: native CPU kernels:", cpu_native.build())'; then
+  echo "setup: the native CPU kernels did not build; the slower torch path will serve" >&2
 fi
 echo "setup: ready (.venv)"

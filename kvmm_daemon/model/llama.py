@@ -52,13 +52,16 @@ class LlamaModel:
             q, k = qk.split((spec.num_heads, spec.num_kv_heads), dim=1)
             v = qkv[:, self._q_size + self._kv_size:].reshape(t, spec.num_kv_heads, spec.head_dim)
             k_cache, v_cache = kv_cache.layer(layer)
-            reshape_and_cache(k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, meta.slot_mapping)
+            check = layer == 0         # the metadata is the same for every layer: check it once
+            reshape_and_cache(k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, meta.slot_mapping,
+                              check_values=check)
             if meta.is_decode:
                 attn = paged_attention_decode(q.to(k_cache.dtype), k_cache, v_cache, meta.block_tables,
-                                              meta.seq_lens, self.scale)
+                                              meta.seq_lens, self.scale, check_values=check)
             else:
                 attn = paged_attention_prefill(q.to(k_cache.dtype), k_cache, v_cache, meta.block_tables,
-                                               meta.query_start_loc, meta.seq_lens, self.scale)
+                                               meta.query_start_loc, meta.seq_lens, self.scale,
+                                               check_values=check)
             hidden = hidden + w.o(attn.reshape(t, self._q_size).to(hidden.dtype))
             x = F.rms_norm(hidden, (spec.hidden_size,), w.ffn_norm, spec.rms_norm_eps)
             gate, up = w.gate_up(x).chunk(2, dim=-1)

@@ -1,10 +1,19 @@
-"""Caller mistakes at the public entry points raise ValueError/TypeError naming the culprit."""
+"""Caller mistakes at the public entry points raise ValueError/TypeError naming the culprit.
+
+Every test runs on the torch path and on the default choice (the native kernels when built,
+which find bad metadata themselves and then report it with the same messages)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import kernels
+
+
+@pytest.fixture(autouse=True, params=["torch", "auto"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv(kernels.KERNEL_ENV, request.param)
+    return request.param
 
 
 @pytest.fixture

@@ -1,0 +1,460 @@
+// Paged-attention decode and the KV write for CPU tensors, reading the cache in place.
+//
+// Decode: one work unit is (sequence, KV head, context split). A unit walks its token range in
+// chunks of kChunk tokens: the block table gives each token's row in the cache (no gather
+// copy); the scores of all the group's query heads against the chunk's K rows are computed
+// (GQA: each K/V row is read once per group, and stays in L1 while the group uses it), then
+// one online-softmax step in float32 rescales the running max/sum/accumulator, and the V rows
+// are accumulated. Splits exist only for parallelism (batch 1-2 has fewer (sequence, KV head)
+// units than threads can share evenly); the partial results of a unit's splits are merged by
+// their log-sum-exp afterwards, as in vLLM's paged_attention_v2 / flash-decoding.
+//
+// The inner loops run over head_dim in GCC vector types of the target's width (simd.h: 16
+// floats with AVX-512, as -march=native gives here), rows taken 4 tokens at a time: one query
+// load serves four K rows, the four dot products are reduced together by one shuffle tree, and
+// one accumulator load/store serves four V rows. exp is a branch-free polynomial on whole
+// vectors (libm's expf does not vectorize without -ffast-math), accurate to a few ulps.
+//
+// Caches are [num_blocks, block_size, num_kv_heads, head_dim] with the three inner dims
+// contiguous and any block stride (per-layer views of the KV arena); float32 or bfloat16
+// (bfloat16 rows are widened to float32 in a small tile buffer); head_dim a multiple of the
+// vector width (the Python side sends only multiples of 16). The metadata is validated before
+// any cache row is touched: a block id outside [0, num_blocks) inside a sequence's context
+// raises ValueError, so -1 padding past a sequence's blocks is never dereferenced, whatever
+// the caller checked.
+//
+// Prior art: vLLM's csrc/cpu attention kernels (which reshape K into a vector-friendly layout;
+// here K keeps the engine's layout, since swapfs moves blocks byte for byte). Left out: float16
+// (served by the torch path), prefill (SDPA over gathered blocks is compute-bound and BLAS-fast),
+// quantized caches.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include "simd.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace kvmm_simd;
+
+constexpr int64_t kTile = 4;            // tokens whose K (or V) rows are combined at once
+constexpr int64_t kChunk = 128;         // tokens per online-softmax step, a multiple of kLanes
+constexpr int64_t kMinSplitTokens = 64;  // a context split covers at least this many tokens
+constexpr int64_t kMinTaskTokens = 512;  // a thread is woken for at least this many K/V rows
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float load_scalar(const float* p) { return *p; }
+inline float load_scalar(const uint16_t* p) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(*p) << 16);
+}
+inline void store_scalar(float* p, float x) { *p = x; }
+inline void store_scalar(uint16_t* p, float x) {
+  *p = c10::BFloat16(x).x;  // round to nearest even, NaN kept
+}
+
+// Everything a decode unit reads; element offsets, T the storage type (float or uint16_t).
+template <typename T>
+struct DecodeArgs {
+  const T* q;
+  int64_t q_seq_stride, q_head_stride;
+  const T* k;
+  const T* v;
+  int64_t k_block_stride, v_block_stride;
+  const int32_t* tables;
+  int64_t table_cols;
+  const int32_t* lens;
+  T* out;                  // [num_seqs, num_heads, head_dim], contiguous
+  float* partial;          // [units * splits, group, head_dim + 2] when splits > 1
+  int64_t num_heads, kv_heads, head_dim, block_size, group, splits;
+  float scale;
+};
+
+// Per-thread buffers of a decode unit.
+struct Scratch {
+  std::vector<float> q, scores, acc, m, l, tile;
+  std::vector<int64_t> k_rows, v_rows;
+  Scratch(int64_t group, int64_t head_dim)
+      : q(group * head_dim), scores(group * kChunk), acc(group * head_dim), m(group), l(group),
+        tile(kTile * head_dim), k_rows(kChunk + kTile), v_rows(kChunk + kTile) {}
+};
+
+// Pointers to the float32 rows of tokens rows[0..kTile): float rows where they lie, bfloat16
+// rows widened into buf.
+inline void tile_rows(const float* base, const int64_t* rows, float*, int64_t,
+                      const float* out[kTile]) {
+  for (int64_t t = 0; t < kTile; ++t) out[t] = base + rows[t];
+}
+inline void tile_rows(const uint16_t* base, const int64_t* rows, float* buf, int64_t D,
+                      const float* out[kTile]) {
+  for (int64_t t = 0; t < kTile; ++t) {
+    for (int64_t j = 0; j < D; j += kLanes) vstore(buf + t * D + j, vload(base + rows[t] + j));
+    out[t] = buf + t * D;
+  }
+}
+
+// Attention of sequence s's group of query heads on KV head h over tokens [t0, t1): leaves
+// the running max in m, the sum of exp(score - max) in l and the unnormalized output in acc.
+// kD is head_dim when it is a compile-time constant, else 0; head_dim is a multiple of kLanes.
+template <typename T, int kD>
+void attend(const DecodeArgs<T>& a, int64_t s, int64_t h, int64_t t0, int64_t t1,
+            Scratch& w) {
+  const int64_t D = kD > 0 ? kD : a.head_dim;
+  const int64_t G = a.group, bs = a.block_size, row_stride = a.kv_heads * D;
+  float* __restrict qf = w.q.data();
+  float* __restrict sc = w.scores.data();
+  float* __restrict acc = w.acc.data();
+  float* __restrict m = w.m.data();
+  float* __restrict l = w.l.data();
+  int64_t* k_rows = w.k_rows.data();
+  int64_t* v_rows = w.v_rows.data();
+  for (int64_t g = 0; g < G; ++g) {
+    const T* src = a.q + s * a.q_seq_stride + (h * G + g) * a.q_head_stride;
+    for (int64_t d = 0; d < D; ++d) qf[g * D + d] = load_scalar(src + d) * a.scale;
+  }
+  std::fill(acc, acc + G * D, 0.0f);
+  std::fill(m, m + G, kNegInf);
+  std::fill(l, l + G, 0.0f);
+  const int32_t* table = a.tables + s * a.table_cols;
+  const float* rows[kTile];
+  for (int64_t c0 = t0; c0 < t1; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, t1 - c0);
+    const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+    int64_t col = c0 / bs, slot = c0 % bs;
+    int64_t block = table[col];
+    for (int64_t i = 0; i < n; ++i) {        // the K and V row of each token of the chunk
+      k_rows[i] = block * a.k_block_stride + slot * row_stride + h * D;
+      v_rows[i] = block * a.v_block_stride + slot * row_stride + h * D;
+      if (++slot == bs && i + 1 < n) {
+        slot = 0;
+        block = table[++col];
+      }
+    }
+    for (int64_t i = n; i < n + kTile; ++i) {  // a partial last tile repeats the last row
+      k_rows[i] = k_rows[n - 1];
+      v_rows[i] = v_rows[n - 1];
+    }
+    for (int64_t i = 0; i < n; i += kTile) {   // scores: q . k for the group, a tile at a time
+      tile_rows(a.k, k_rows + i, w.tile.data(), D, rows);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qf + g * D;
+        vfloat s0{}, s1{}, s2{}, s3{};
+        for (int64_t j = 0; j < D; j += kLanes) {
+          const vfloat qj = vload(qg + j);
+          s0 += qj * vload(rows[0] + j);
+          s1 += qj * vload(rows[1] + j);
+          s2 += qj * vload(rows[2] + j);
+          s3 += qj * vload(rows[3] + j);
+        }
+        const vf4 dots = sum4(s0, s1, s2, s3);
+        std::memcpy(sc + g * kChunk + i, &dots, sizeof dots);
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {          // online softmax step
+      float* sg = sc + g * kChunk;
+      for (int64_t i = n; i < padded; ++i) sg[i] = kNegInf;
+      vfloat top = vbroadcast(kNegInf);
+      for (int64_t i = 0; i < padded; i += kLanes) {
+        const vfloat x = vload(sg + i);
+        top = x > top ? x : top;
+      }
+      const float m_new = std::max(m[g], hmax(top));
+      const float alpha = m[g] == kNegInf ? 0.0f : std::exp(m[g] - m_new);
+      const vfloat shift = vbroadcast(m_new);
+      for (int64_t i = 0; i < padded; i += kLanes) vstore(sg + i, vexp(vload(sg + i) - shift));
+      for (int64_t i = n; i < padded; ++i) sg[i] = 0.0f;
+      vfloat sum{};
+      for (int64_t i = 0; i < padded; i += kLanes) sum += vload(sg + i);
+      l[g] = l[g] * alpha + hsum(sum);
+      m[g] = m_new;
+      if (alpha != 1.0f) {
+        for (int64_t d = 0; d < D; ++d) acc[g * D + d] *= alpha;
+      }
+    }
+    for (int64_t i = 0; i < n; i += kTile) {   // acc += p v, a tile of V rows at a time
+      tile_rows(a.v, v_rows + i, w.tile.data(), D, rows);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* pg = sc + g * kChunk + i;   // past n the weights are 0
+        const vfloat p0 = vbroadcast(pg[0]), p1 = vbroadcast(pg[1]), p2 = vbroadcast(pg[2]),
+                     p3 = vbroadcast(pg[3]);
+        float* ag = acc + g * D;
+        for (int64_t j = 0; j < D; j += kLanes) {
+          vfloat x = vload(ag + j);
+          x += p0 * vload(rows[0] + j);
+          x += p1 * vload(rows[1] + j);
+          x += p2 * vload(rows[2] + j);
+          x += p3 * vload(rows[3] + j);
+          vstore(ag + j, x);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int kD>
+void decode_units(const DecodeArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t D = kD > 0 ? kD : a.head_dim, G = a.group;
+  Scratch w(G, D);
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t part = unit % a.splits, pair = unit / a.splits;
+    const int64_t s = pair / a.kv_heads, h = pair % a.kv_heads;
+    const int64_t len = a.lens[s];
+    const int64_t t0 = len * part / a.splits, t1 = len * (part + 1) / a.splits;
+    attend<T, kD>(a, s, h, t0, t1, w);
+    if (a.splits == 1) {
+      for (int64_t g = 0; g < G; ++g) {
+        const float inv = 1.0f / w.l[g];
+        T* dst = a.out + (s * a.num_heads + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) store_scalar(dst + d, w.acc[g * D + d] * inv);
+      }
+    } else {
+      float* dst = a.partial + unit * G * (D + 2);
+      for (int64_t g = 0; g < G; ++g, dst += D + 2) {
+        std::copy(w.acc.begin() + g * D, w.acc.begin() + (g + 1) * D, dst);
+        dst[D] = w.m[g];
+        dst[D + 1] = w.l[g];
+      }
+    }
+  }
+}
+
+// Merges the splits of (sequence, KV head) pairs [begin, end) into the output.
+template <typename T>
+void merge_splits(const DecodeArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t D = a.head_dim, G = a.group, S = a.splits, width = G * (D + 2);
+  std::vector<float> acc(D);
+  for (int64_t pair = begin; pair < end; ++pair) {
+    const int64_t s = pair / a.kv_heads, h = pair % a.kv_heads;
+    const float* first = a.partial + pair * S * width;
+    for (int64_t g = 0; g < G; ++g) {
+      float top = kNegInf;
+      for (int64_t p = 0; p < S; ++p) top = std::max(top, first[p * width + g * (D + 2) + D]);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float total = 0.0f;
+      for (int64_t p = 0; p < S; ++p) {
+        const float* part = first + p * width + g * (D + 2);
+        if (part[D + 1] == 0.0f) continue;   // an empty split (context shorter than splits)
+        const float weight = std::exp(part[D] - top);
+        total += weight * part[D + 1];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] += weight * part[d];
+      }
+      const float inv = 1.0f / total;
+      T* dst = a.out + (s * a.num_heads + h * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) store_scalar(dst + d, acc[d] * inv);
+    }
+  }
+}
+
+// Context splits per unit: enough units to share evenly among the threads, none shorter
+// than kMinSplitTokens; none when the whole call is too small to wake a second thread.
+int64_t choose_splits(int64_t pairs, int64_t longest, int64_t rows) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t most =
+      rows < 2 * kMinTaskTokens ? 1 : std::max<int64_t>(1, longest / kMinSplitTokens);
+  int64_t splits = 1;
+  while (splits < most && threads > 1 &&
+         (pairs * splits < 4 * threads || (pairs * splits) % threads != 0)) {
+    ++splits;
+  }
+  return splits;
+}
+
+[[noreturn]] void bad_metadata(const std::string& what) {
+  throw pybind11::value_error("paged_attention_decode: " + what);
+}
+
+// Every block a sequence's context touches is a block id; returns the longest context and
+// adds every context's length to total.
+int64_t validate_metadata(const int32_t* tables, int64_t cols, const int32_t* lens,
+                          int64_t num_seqs, int64_t num_blocks, int64_t block_size,
+                          int64_t& total) {
+  int64_t longest = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t len = lens[s];
+    if (len < 1) {
+      bad_metadata("seq_lens[" + std::to_string(s) + "] = " + std::to_string(len) + " < 1");
+    }
+    const int64_t needed = (len + block_size - 1) / block_size;
+    if (needed > cols) {
+      bad_metadata("sequence " + std::to_string(s) + " needs " + std::to_string(needed) +
+                   " blocks but block_tables has " + std::to_string(cols) + " columns");
+    }
+    for (int64_t c = 0; c < needed; ++c) {
+      const int32_t id = tables[s * cols + c];
+      if (id < 0 || id >= num_blocks) {
+        bad_metadata("block_tables[" + std::to_string(s) + ", " + std::to_string(c) + "] = " +
+                     std::to_string(id) + " is not a block id");
+      }
+    }
+    longest = std::max(longest, len);
+    total += len;
+  }
+  return longest;
+}
+
+void check_cache(const torch::Tensor& c, const char* name) {
+  TORCH_CHECK(c.dim() == 4 && c.device().is_cpu(), name, " must be a 4-d CPU tensor");
+  const int64_t block_size = c.size(1), kv_heads = c.size(2), head_dim = c.size(3);
+  TORCH_CHECK((block_size == 1 || c.stride(1) == kv_heads * head_dim) &&
+                  (kv_heads == 1 || c.stride(2) == head_dim) && c.stride(3) == 1,
+              name, " must be contiguous in its inner three dims");
+}
+
+template <typename T>
+void run_decode(DecodeArgs<T>& a, int64_t num_seqs, int64_t longest, int64_t total) {
+  const int64_t pairs = num_seqs * a.kv_heads;
+  a.splits = choose_splits(pairs, longest, total * a.kv_heads);
+  // units per task such that a small call stays on the calling thread (waking the others
+  // costs more than a few hundred rows)
+  const int64_t rows_per_unit = std::max<int64_t>(1, total / (num_seqs * a.splits));
+  const int64_t grain = std::max<int64_t>(1, kMinTaskTokens / rows_per_unit);
+  torch::Tensor partial;
+  if (a.splits > 1) {
+    partial = torch::empty({pairs * a.splits * a.group * (a.head_dim + 2)}, torch::kFloat32);
+    a.partial = partial.data_ptr<float>();
+  }
+  auto body = [&](int64_t begin, int64_t end) {
+    switch (a.head_dim) {
+      case 64: decode_units<T, 64>(a, begin, end); break;
+      case 128: decode_units<T, 128>(a, begin, end); break;
+      default: decode_units<T, 0>(a, begin, end); break;
+    }
+  };
+  at::parallel_for(0, pairs * a.splits, grain, body);
+  if (a.splits > 1) merge_splits<T>(a, 0, pairs);  // G * D * splits flops a pair: no threads
+}
+
+torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache,
+                                     torch::Tensor v_cache, torch::Tensor block_tables,
+                                     torch::Tensor seq_lens, double scale) {
+  check_cache(k_cache, "k_cache");
+  check_cache(v_cache, "v_cache");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.scalar_type() == v_cache.scalar_type(),
+              "k_cache and v_cache differ in shape or dtype");
+  const auto dtype = k_cache.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16,
+              "the native kernel serves float32 and bfloat16 caches, not ", dtype);
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == dtype && q.device().is_cpu(),
+              "q must be a 3-d CPU tensor of the cache dtype");
+  TORCH_CHECK(k_cache.size(3) % kLanes == 0, "the native kernel needs head_dim a multiple of ",
+              kLanes, ", not ", k_cache.size(3));
+  if (q.stride(2) != 1) q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  seq_lens = seq_lens.contiguous();
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && block_tables.device().is_cpu() &&
+                  seq_lens.scalar_type() == torch::kInt32 && seq_lens.device().is_cpu(),
+              "block_tables and seq_lens must be int32 CPU tensors");
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1);
+  const int64_t kv_heads = k_cache.size(2);
+  TORCH_CHECK(head_dim == k_cache.size(3) && num_heads % kv_heads == 0 &&
+                  block_tables.dim() == 2 && block_tables.size(0) == num_seqs &&
+                  seq_lens.dim() == 1 && seq_lens.size(0) == num_seqs,
+              "q, block_tables and seq_lens do not match the cache");
+  auto out = torch::empty({num_seqs, num_heads, head_dim}, q.options());
+  if (num_seqs == 0) return out;
+  int64_t total = 0;
+  const int64_t longest = validate_metadata(block_tables.data_ptr<int32_t>(), block_tables.size(1),
+                                            seq_lens.data_ptr<int32_t>(), num_seqs, num_blocks,
+                                            block_size, total);
+  auto fill = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    DecodeArgs<T> a{};
+    a.q = static_cast<const T*>(q.data_ptr());
+    a.q_seq_stride = q.stride(0);
+    a.q_head_stride = q.stride(1);
+    a.k = static_cast<const T*>(k_cache.data_ptr());
+    a.v = static_cast<const T*>(v_cache.data_ptr());
+    a.k_block_stride = k_cache.stride(0);
+    a.v_block_stride = v_cache.stride(0);
+    a.tables = block_tables.data_ptr<int32_t>();
+    a.table_cols = block_tables.size(1);
+    a.lens = seq_lens.data_ptr<int32_t>();
+    a.out = static_cast<T*>(out.data_ptr());
+    a.partial = nullptr;
+    a.num_heads = num_heads;
+    a.kv_heads = kv_heads;
+    a.head_dim = head_dim;
+    a.block_size = block_size;
+    a.group = num_heads / kv_heads;
+    a.splits = 1;
+    a.scale = static_cast<float>(scale);
+    run_decode<T>(a, num_seqs, longest, total);
+  };
+  if (dtype == torch::kFloat32) {
+    fill(static_cast<float*>(nullptr));
+  } else {
+    fill(static_cast<uint16_t*>(nullptr));
+  }
+  return out;
+}
+
+// Copies token i's K and V rows to cache slot slot_mapping[i] (block slot / block_size, offset
+// slot % block_size); slot -1 skips the token. Every slot is validated before anything is written.
+void reshape_and_cache(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
+                       torch::Tensor v_cache, torch::Tensor slot_mapping) {
+  check_cache(k_cache, "k_cache");
+  check_cache(v_cache, "v_cache");
+  const int64_t num_tokens = k.size(0), block_size = k_cache.size(1);
+  const int64_t row = k_cache.size(2) * k_cache.size(3);
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(1) * k.size(2) == row &&
+                  k.device().is_cpu() && v.device().is_cpu() && slot_mapping.device().is_cpu() &&
+                  k.scalar_type() == k_cache.scalar_type() &&
+                  v.scalar_type() == k_cache.scalar_type() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "k, v must be [num_tokens, num_kv_heads, head_dim] of the cache dtype");
+  auto rows_contiguous = [](const torch::Tensor& t) {
+    return (t.size(2) == 1 || t.stride(2) == 1) && (t.size(1) == 1 || t.stride(1) == t.size(2));
+  };
+  if (!rows_contiguous(k)) k = k.contiguous();
+  if (!rows_contiguous(v)) v = v.contiguous();
+  slot_mapping = slot_mapping.to(torch::kInt64).contiguous();
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == num_tokens,
+              "slot_mapping must hold one slot per token");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t num_slots = k_cache.size(0) * block_size;
+  for (int64_t i = 0; i < num_tokens; ++i) {
+    if (slots[i] < -1 || slots[i] >= num_slots) {
+      throw pybind11::value_error("reshape_and_cache: slot_mapping[" + std::to_string(i) + "] = " +
+                                  std::to_string(slots[i]) + " is outside [-1, " +
+                                  std::to_string(num_slots) + ")");
+    }
+  }
+  const int64_t bytes = row * static_cast<int64_t>(k.element_size());
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  const auto* ks = static_cast<const char*>(k.data_ptr());
+  const auto* vs = static_cast<const char*>(v.data_ptr());
+  const int64_t esize = k.element_size();
+  for (int64_t i = 0; i < num_tokens; ++i) {
+    if (slots[i] < 0) continue;
+    const int64_t block = slots[i] / block_size, offset = slots[i] % block_size;
+    std::memcpy(kc + (block * k_cache.stride(0) + offset * row) * esize,
+                ks + i * k.stride(0) * esize, bytes);
+    std::memcpy(vc + (block * v_cache.stride(0) + offset * row) * esize,
+                vs + i * v.stride(0) * esize, bytes);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kvmm paged attention for CPU tensors (decode, KV write), reading blocks in place";
+  // The GIL is released while a kernel runs, as torch's own operators do.
+  m.def("paged_attention_decode", &paged_attention_decode,
+        "decode attention over a paged KV cache (float32 / bfloat16)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("reshape_and_cache", &reshape_and_cache, "write K/V rows into their cache slots",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("decode_splits", &choose_splits,
+        "context splits per (sequence, KV head) for (pairs, longest context, K rows in all)");
+}
