@@ -77,7 +77,8 @@ class Server:
         self.loop = EngineLoop(engine, watchdog=watchdog, ping_interval_s=ping_interval_s)
         self.limits = UidLimits(cfg.max_requests_per_uid, cfg.max_kv_blocks_per_uid)
         self.sessions = SessionDirectory(engine, self.loop, cfg.max_sessions_per_uid)
-        self.records: dict[str, RequestRecord] = {}
+        self.records: dict[str, RequestRecord] = {}   # listed and cancellable requests
+        self.handlers = 0      # generate handlers running (a retired request may still be replying)
         self.conns: dict[int, Connection] = {}
         self.draining = False
         self.started = time.monotonic()
@@ -264,6 +265,7 @@ class Server:
         blocks = blocks_needed(len(prompt_ids), params.max_tokens, params.num_choices, self.block_size)
         self.limits.admit(who.uid, blocks)
         request_id = f"r{next(self._request_ids)}"
+        self.handlers += 1
         self.records[request_id] = RequestRecord(request_id, who.uid, conn.id, blocks,
                                                  len(prompt_ids), session_id, time.monotonic())
         self.requests_total += 1
@@ -281,11 +283,18 @@ class Server:
         finally:
             if not finished:
                 self.loop.abort(request_id)
-            log.debug("%s uid %d: %d prompt tokens, %s after %.3f s", request_id, who.uid,
-                      len(prompt_ids), "done" if finished else "aborted (client gone)",
-                      time.monotonic() - self.records[request_id].started)
-            self.limits.release(who.uid, blocks)
-            del self.records[request_id]
+            log.debug("%s uid %d: %d prompt tokens, %s", request_id, who.uid, len(prompt_ids),
+                      "done" if finished else "aborted (client gone)")
+            self._retire(request_id)
+            self.handlers -= 1
+            self._records_changed.set()
+
+    def _retire(self, request_id: str) -> None:
+        """Forget a request and release its reservation (idempotent). Called before its final
+        reply is sent, so a client that reads the reply never finds it still listed."""
+        rec = self.records.pop(request_id, None)
+        if rec is not None:
+            self.limits.release(rec.uid, rec.blocks)
             self._records_changed.set()
 
     async def _stream(self, conn: Connection, req: P.GenerateRequest, request_id: str,
@@ -300,6 +309,7 @@ class Server:
                 reasons = [r or "abort" for r in reasons]
                 break
             if out.error is not None:
+                self._retire(request_id)
                 await conn.send(P.error_reply(req.id, P.ErrorCode.ENGINE_ERROR, out.error))
                 self.errors[P.ErrorCode.ENGINE_ERROR.value] += 1
                 return True
@@ -317,6 +327,7 @@ class Server:
             return False
         choices = [{"index": i, "text": texts[i], "token_ids": tokens[i], "finish_reason": reasons[i]}
                    for i in range(n)]
+        self._retire(request_id)
         await conn.send(P.reply(
             req.id, "done", request_id=request_id, choices=choices, prompt_token_ids=prompt_ids,
             usage=dataclasses.asdict(usage) if usage else
@@ -343,7 +354,8 @@ class Server:
                 await self._wait_records_empty()
 
     async def _wait_records_empty(self) -> None:
-        while self.records:
+        """Until every generate handler has sent its last reply."""
+        while self.handlers:
             self._records_changed = trio.Event()
             await self._records_changed.wait()
 
