@@ -19,3 +19,37 @@ $KVMM score "The capital of France is Paris. The capital of Italy is Rome."
 echo
 echo "== KV pool benchmark (no model compute)"
 $KVMM bench kv
+echo
+
+# --- the daemon: one model shared by several clients, KV on flash, the swapfs view --------
+RUN=$(mktemp -d /tmp/kvmm-demo.XXXXXX)          # socket and mount point
+SWAP=$(mktemp -d /var/tmp/kvmm-demo-swap.XXXXXX) # O_DIRECT needs a disk file system, not tmpfs
+export KVMM_SOCKET=$RUN/kvmm.sock
+mkdir -p "$RUN/view"
+cleanup() {
+  if [ -n "${DAEMON:-}" ] && kill -0 "$DAEMON" 2>/dev/null; then kill -TERM "$DAEMON"; wait "$DAEMON" || true; fi
+  rm -rf "$RUN" "$SWAP"
+}
+trap cleanup EXIT
+echo "== kvmm serve (socket $KVMM_SOCKET, swap $SWAP, view $RUN/view)"
+$KVMM serve --socket "$KVMM_SOCKET" --socket-group "" --swap-dir "$SWAP" --swap-size 256MiB \
+    --mount "$RUN/view" --log-level warning &
+DAEMON=$!
+for _ in $(seq 1 120); do $KVMM stats >/dev/null 2>&1 && break; sleep 0.5; done
+echo "== 4 clients generating at once"
+i=0
+for q in "Name a planet." "Name a colour." "Name a fruit." "Name a river."; do
+  i=$((i + 1))
+  { echo "$q"; $KVMM generate --max-tokens 24 "$q" 2>&1; } > "$RUN/out.$i" &
+done
+wait $(jobs -p | grep -v "^$DAEMON\$") 2>/dev/null || true
+for f in "$RUN"/out.*; do echo "-- $(head -c 300 "$f" | tr '\n' ' ')"; done
+echo "== a session: the second turn reuses the first turn's KV (cached_prompt_tokens)"
+$KVMM generate --session demo --max-tokens 24 "My name is Ada. Say hello to me."
+$KVMM generate --session demo --json --max-tokens 24 "What is my name?" | \
+  .venv/bin/python -c 'import json,sys; d=json.load(sys.stdin); print(d["text"]); print("usage:", d["usage"])'
+echo "== the swapfs view: ls, df"
+ls -l "$RUN/view/sessions"
+df -h "$RUN/view"
+echo "== kvmm stats"
+$KVMM stats
