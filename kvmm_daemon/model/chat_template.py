@@ -89,6 +89,13 @@ class ChatTemplate:
                                  f"{exc.lineno}: {exc.message}); use raw prompts (--raw) "
                                  "or fix the template") from None
 
+    @classmethod
+    def for_tokenizer(cls, source: str, tok, *, origin: str) -> ChatTemplate:
+        """The template with the tokenizer's BOS/EOS texts as bos_token/eos_token."""
+        bos = tok.id_to_token(tok.bos_token_id) if tok.bos_token_id is not None else ""
+        eos = tok.id_to_token(tok.eos_token_id) if tok.eos_token_id is not None else ""
+        return cls(source, bos_token=bos, eos_token=eos, origin=origin)
+
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                **extra: Any) -> str:
         """The prompt text for `messages`; ends with the assistant header when

@@ -310,10 +310,7 @@ class SafetensorsModelFile:
         source = load_hf_chat_template(self.path)
         if source is None:
             return None
-        tok = self.tokenizer
-        bos = tok.id_to_token(tok.bos_token_id) if tok.bos_token_id is not None else ""
-        eos = tok.id_to_token(tok.eos_token_id) if tok.eos_token_id is not None else ""
-        return ChatTemplate(source, bos_token=bos, eos_token=eos, origin=str(self.path))
+        return ChatTemplate.for_tokenizer(source, self.tokenizer, origin=str(self.path))
 
     def __repr__(self) -> str:
         return f"SafetensorsModelFile({str(self.path)!r})"
