@@ -10,7 +10,6 @@ Left out: SIGHUP reload (see config.py).
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
@@ -40,11 +39,7 @@ async def serve_engine(cfg: DaemonConfig, engine: Any, listener: Listener, notif
             await nursery.start(server.loop.run)
             await nursery.start(server.serve, open_trio_listener(listener.sock))
             if cfg.engine.mount and getattr(engine, "tier", None) is not None:
-                from swapfs.fuse_mount import serve_fuse
-                await nursery.start(functools.partial(
-                    serve_fuse, engine.tier.swap, cfg.engine.mount, allow_other=os.geteuid() == 0,
-                    session_namer=lambda uid, name: f"{uid}:{name}"))   # the server's session ids
-                log.info("swapfs view mounted at %s", cfg.engine.mount)
+                await nursery.start(serve_view, engine.tier.swap, cfg.engine.mount)
             notifier.ready(f"serving on {listener.path}")
             log.info("serving on %s (pid uid checks via SO_PEERCRED, watchdog %s)", listener.path,
                      f"every {notifier.ping_interval_s:.1f} s" if notifier.ping_interval_s else "off")
@@ -56,6 +51,29 @@ async def serve_engine(cfg: DaemonConfig, engine: Any, listener: Listener, notif
             await server.drain(cfg.grace_period_s)
             nursery.cancel_scope.cancel()
     log.info("stopped")
+
+
+async def serve_view(space, mountpoint: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The swapfs FUSE view, which must never take the service down: a mount that fails,
+    is aborted too often or is unmounted from outside leaves the daemon serving (and the
+    flash tier working) without its view, with the reason in the log."""
+    from swapfs.fuse_mount import serve_fuse
+
+    class _Started:
+        done = False
+
+        def started(self, value=None) -> None:
+            self.done = True
+            task_status.started()
+
+    status = _Started()
+    try:
+        await serve_fuse(space, mountpoint, allow_other=os.geteuid() == 0, task_status=status,
+                         session_namer=lambda uid, name: f"{uid}:{name}")   # the server's session ids
+    except Exception:
+        log.exception("swapfs view at %s failed; serving on without it", mountpoint)
+    if not status.done:
+        task_status.started()
 
 
 def load_engine(cfg: DaemonConfig, notifier: SystemdNotifier) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 
@@ -48,6 +49,12 @@ def test_session_visible_on_daemon_mount(tiny_model):
         assert st.f_blocks > 0 and st.f_bfree < st.f_blocks
         shutil.rmtree(sdir)
         assert os.listdir(os.path.join(mount, "sessions")) == []
+        # a forced unmount takes the view away, not the service
+        subprocess.run(["umount", "-l", mount], check=True)
+        with Client(d.socket, timeout=30) as c:
+            r = c.generate(token_ids=[5, 17, 42], session="notes", max_tokens=3, ignore_eos=True)
+            assert r.usage["completion_tokens"] == 3
+            assert c.health()
         assert d.stop() == 0, d.log()
         assert not _is_mounted(mount)
         assert "Traceback" not in d.log(), d.log()
