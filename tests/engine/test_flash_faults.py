@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -27,9 +25,8 @@ from swapfs.swap_space import SLOT_FILE
 from tests.engine.conftest import assert_no_leaks
 from tests.model.tiny_llama import write_sensitive_llama
 from tests.engine.test_engine import PROMPT, greedy
-from tests.swapfs.conftest import fuse_skip_reason
+from tests.swapfs.conftest import fuse_skip_reason, running_faultfs
 
-FAULTFS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "swapfs", "faultfs.py")
 needs_fuse = pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip_reason() or "")
 TOKENS = 30
 TIGHT = dict(kv_budget=16 * 2048, max_model_len=56, swap_size="8MiB", preemption="swap")
@@ -38,26 +35,8 @@ TIGHT = dict(kv_budget=16 * 2048, max_model_len=56, swap_size="8MiB", preemption
 @pytest.fixture
 def faultfs():
     """(mountpoint, fault(kind, on)): kinds read_eio, write_eio, write_enospc."""
-    base = tempfile.mkdtemp(prefix="kvmm-engine-faultfs-", dir="/var/tmp")
-    dirs = {k: os.path.join(base, k) for k in ("back", "mnt", "ctl")}
-    for d in dirs.values():
-        os.mkdir(d)
-    proc = subprocess.Popen([sys.executable, FAULTFS, dirs["back"], dirs["mnt"], dirs["ctl"]],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-
-    def fault(kind: str, on: bool) -> None:
-        path = os.path.join(dirs["ctl"], kind)
-        if on:
-            open(path, "w").close()
-        elif os.path.exists(path):
-            os.unlink(path)
-
-    yield dirs["mnt"], fault
-    proc.terminate()
-    proc.wait(timeout=20)
-    subprocess.run(["fusermount3", "-u", "-z", dirs["mnt"]], capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
+    with running_faultfs("kvmm-engine-faultfs-") as fs:
+        yield fs
 
 
 @pytest.fixture

@@ -3,8 +3,11 @@ temporary directory on a file system with O_DIRECT, deterministic block payloads
 skip reasons of tests that need root, /dev/fuse or a loop device."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import zlib
 
@@ -69,3 +72,31 @@ def space(swap_dir):
     sp = SwapSpace(swap_dir, swap_size(32), LAYOUT, io_threads=2, calibrate=False)
     yield sp
     sp.close()
+
+
+@contextlib.contextmanager
+def running_faultfs(prefix: str = "kvmm-faultfs-"):
+    """A fault-injecting FUSE pass-through (faultfs.py) over a directory on /var/tmp.
+    Yields (mountpoint, fault(kind, on)); kinds read_eio, write_eio, write_enospc."""
+    base = tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")
+    dirs = {k: os.path.join(base, k) for k in ("back", "mnt", "ctl")}
+    for d in dirs.values():
+        os.mkdir(d)
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "faultfs.py"),
+                             dirs["back"], dirs["mnt"], dirs["ctl"]], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+
+    def fault(kind: str, on: bool) -> None:
+        path = os.path.join(dirs["ctl"], kind)
+        if on:
+            open(path, "w").close()
+        elif os.path.exists(path):
+            os.unlink(path)
+
+    try:
+        yield dirs["mnt"], fault
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        subprocess.run(["fusermount3", "-u", "-z", dirs["mnt"]], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)

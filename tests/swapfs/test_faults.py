@@ -10,13 +10,12 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import numpy as np
 import pytest
 
-from tests.swapfs.conftest import LAYOUT, needs_fuse, needs_loop, payload, swap_size
+from tests.swapfs.conftest import LAYOUT, needs_fuse, needs_loop, payload, running_faultfs, swap_size
 from swapfs.errors import SwapIOError, SwapNoSpaceError
 from swapfs.swap_space import SwapSpace
 
@@ -26,26 +25,8 @@ BB = LAYOUT.block_bytes
 
 @pytest.fixture
 def faultfs():
-    base = tempfile.mkdtemp(prefix="kvmm-faultfs-", dir="/var/tmp")
-    dirs = {k: os.path.join(base, k) for k in ("back", "mnt", "ctl")}
-    for d in dirs.values():
-        os.mkdir(d)
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "faultfs.py"), dirs["back"],
-                             dirs["mnt"], dirs["ctl"]], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-
-    def fault(kind: str, on: bool) -> None:
-        path = os.path.join(dirs["ctl"], kind)
-        if on:
-            open(path, "w").close()
-        elif os.path.exists(path):
-            os.unlink(path)
-
-    yield dirs["mnt"], fault
-    proc.terminate()
-    proc.wait(timeout=20)
-    subprocess.run(["fusermount3", "-u", "-z", dirs["mnt"]], capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
+    with running_faultfs("kvmm-faultfs-") as fs:
+        yield fs
 
 
 @pytest.fixture
