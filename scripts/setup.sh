@@ -45,6 +45,11 @@ fi
 if [ "$(id -u)" -eq 0 ] && [ -d /sys/kernel/tracing ] && ! mountpoint -q /sys/kernel/tracing; then
   mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
 fi
+# FUSE connection control (fusectl): the swapfs fault tests abort a connection through it, and
+# a fresh machine may not have it mounted until some FUSE file system is first used.
+if [ "$(id -u)" -eq 0 ] && [ -d /sys/fs/fuse/connections ] && ! mountpoint -q /sys/fs/fuse/connections; then
+  mount -t fusectl fusectl /sys/fs/fuse/connections 2>/dev/null || true
+fi
 
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

@@ -23,6 +23,7 @@ from kvmm_daemon.engine.sampling_params import SamplingParams
 from swapfs.slot_store import HEADER_BYTES, SUPER_BYTES, slot_stride
 from swapfs.swap_space import SLOT_FILE
 from tests.engine.conftest import assert_no_leaks
+from tests.fusectl import abort_file
 from tests.model.tiny_llama import write_sensitive_llama
 from tests.engine.test_engine import PROMPT, greedy
 from tests.swapfs.conftest import fuse_skip_reason, running_faultfs
@@ -202,7 +203,7 @@ def test_swap_device_gone_mid_run(engine_of, faultfs, want, caplog):
     first = engine.generate(PROMPT, params, session_id="chat")
     assert engine.sessions["chat"].on_flash and engine.sessions["chat"].seq_id is None   # offloaded
     caplog.set_level(logging.WARNING)
-    with open(f"/sys/fs/fuse/connections/{os.minor(os.stat(mnt).st_dev)}/abort", "w") as f:
+    with open(abort_file(mnt), "w") as f:
         f.write("1")
     history = PROMPT + first.choices[0].token_ids
     res = engine.generate([7, 8], params, session_id="chat")

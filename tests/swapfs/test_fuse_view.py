@@ -14,6 +14,7 @@ import psutil
 import pytest
 import trio
 
+from tests.fusectl import abort_file
 from tests.swapfs.conftest import LAYOUT, needs_fuse, payload, swap_size
 from swapfs.export_format import MAGIC
 from swapfs.fuse_mount import mount_entry
@@ -259,13 +260,7 @@ def test_sigkill_leaves_no_mount_and_a_stale_mount_is_cleaned(fresh_mount):
 
 def test_connection_abort_is_survived_by_remounting(fresh_mount):
     m = fresh_mount
-    ctl = "/sys/fs/fuse/connections"
-    if not os.listdir(ctl):
-        subprocess.run(["mount", "-t", "fusectl", "none", ctl], check=False)
-    conn = os.path.join(ctl, str(os.minor(os.stat(m.mnt).st_dev)), "abort")
-    if not os.path.exists(conn):
-        pytest.skip(f"{conn} is missing (fusectl not mountable here)")
-    with open(conn, "w") as f:
+    with open(abort_file(m.mnt), "w") as f:
         f.write("1")
     for _ in range(100):
         try:
