@@ -4,13 +4,14 @@
   TrioSwapSpace    the same from trio (swapfs.trio_api; calls run in worker threads)
   serve_fuse       the FUSE view at --mount, inside the daemon's trio loop (swapfs.fuse_mount)
   KVLayout         what a block is and which model it belongs to
-  AlignedBuffer    huge-page, O_DIRECT-ready memory (allocate the engine's KV arena with it
-                   so swap I/O goes straight from and into the arena)
-Module map: aligned_buffer, checksum, slot_store (O_DIRECT slot file), metadata (SQLite
+  AlignedBuffer    huge-page, O_DIRECT-ready memory (re-exported from iosched.aligned_buffer;
+                   allocate the engine's KV arena with it so swap I/O goes straight from and
+                   into the arena)
+Module map: checksum, slot_store (O_DIRECT slot file), metadata (SQLite
 WAL), swap_space + prefix_tier + sessions (the API), export_format (kv.bin / import),
 fuse_view + fuse_mount (pyfuse3), trio_api, bench (`kvmm bench swap`).
 """
-from swapfs.aligned_buffer import AlignedBuffer
+from iosched.aligned_buffer import AlignedBuffer
 from swapfs.errors import (SessionExistsError, SlotCorruptError, SwapBusyError, SwapConfigError,
                            SwapError, SwapFormatError, SwapFullError, SwapIOError,
                            SwapNoSpaceError, SwapNotFoundError)

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from swapfs.aligned_buffer import AlignedBuffer
+from iosched.aligned_buffer import AlignedBuffer
 from swapfs.layout import KVLayout
 from swapfs.slot_store import SUPER_BYTES, slot_stride
 from swapfs.swap_space import SwapSpace

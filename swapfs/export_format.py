@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from swapfs.aligned_buffer import ALIGN, AlignedBuffer, round_up
+from iosched.aligned_buffer import ALIGN, AlignedBuffer, round_up
 from swapfs import checksum
 from swapfs.errors import SwapConfigError, SwapFormatError
 from swapfs.layout import KVLayout

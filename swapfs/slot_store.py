@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from swapfs import checksum
-from swapfs.aligned_buffer import ALIGN, AlignedBuffer, is_direct_io_capable, round_up
+from iosched.aligned_buffer import ALIGN, AlignedBuffer, is_direct_io_capable, round_up
 from swapfs.errors import (SlotCorruptError, SwapBusyError, SwapError, SwapIOError,
                            SwapNoSpaceError, from_os_error)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from swapfs.aligned_buffer import AlignedBuffer, as_byte_view
+from iosched.aligned_buffer import AlignedBuffer, as_byte_view
 from swapfs.errors import (SwapConfigError, SwapError, SwapFullError,
                            SwapNotFoundError, from_os_error)
 from swapfs.layout import KVLayout

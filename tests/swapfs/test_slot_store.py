@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests.swapfs.conftest import LAYOUT, payload
-from swapfs.aligned_buffer import AlignedBuffer
+from iosched.aligned_buffer import AlignedBuffer
 from swapfs.errors import SlotCorruptError, SwapBusyError
 from swapfs.slot_store import HEADER_BYTES, SUPER_BYTES, SlotStore
 

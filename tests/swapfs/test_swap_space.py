@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.swapfs.conftest import LAYOUT, payload, swap_size
-from swapfs.aligned_buffer import AlignedBuffer
+from iosched.aligned_buffer import AlignedBuffer
 from swapfs.errors import SlotCorruptError, SwapFullError, SwapNotFoundError
 from swapfs.layout import KVLayout
 from swapfs.slot_store import HEADER_BYTES, SUPER_BYTES

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from swapfs.aligned_buffer import (ALIGN, HUGE_PAGE, AlignedBuffer, address_of, as_byte_view,
-                                   is_direct_io_capable)
+from iosched.aligned_buffer import (ALIGN, HUGE_PAGE, AlignedBuffer, address_of, as_byte_view,
+                                    is_direct_io_capable)
 
 
 def _thp_mode() -> str:

@@ -1,0 +1,68 @@
+"""Priority and IORequest: what a caller submits and the handle it waits on.
+
+A request may be served as several pieces (split at the profile's request size) and a piece
+may share one vectored syscall with its neighbours (merged); the request is done when its
+last piece is. Prior art: the Linux block layer's request/bio split, io_uring's user_data
+handles. Left out: cancellation (a queued read is cheap to let finish).
+"""
+from __future__ import annotations
+
+import enum
+import threading
+
+
+class Priority(enum.IntEnum):
+    """Service class of a request; lower value is served first."""
+    WEIGHT_READ = 0       # a read the forward is waiting on now
+    KV_SWAP_IN = 1
+    WEIGHT_PREFETCH = 2
+    KV_WRITE_BACK = 3
+
+
+class IORequest:
+    """The handle `IOScheduler.submit_read/submit_write` returns; equal by identity.
+
+    Attributes:
+      op: "read" or "write".
+      fd, offset, length: the file range; length == len(buffer) > 0.
+      buffer: the caller's memory (a flat byte memoryview), read into or written from; the
+        caller must not touch it until `done()`.
+      priority: the current service class (raised to WEIGHT_READ by a promoting wait while
+        any piece is still queued); deadline: time.monotonic() seconds or None (= last).
+      result: bytes transferred, set iff done() and the transfer succeeded (== length).
+      error: the IOReadError/IOWriteError, set iff done() and the transfer failed.
+      completion_index: the scheduler-wide order in which requests completed (0-based),
+        set when done (tests and traces read it).
+    Invariant: done() iff _pieces_left == 0 and exactly one of result/error is set.
+    """
+
+    __slots__ = ("op", "fd", "offset", "length", "buffer", "priority", "deadline", "result",
+                 "error", "completion_index", "submitted_at", "_pieces_left", "_event",
+                 "_pieces")
+
+    def __init__(self, op: str, fd: int, offset: int, buffer: memoryview,
+                 priority: Priority, deadline: float | None, submitted_at: float) -> None:
+        self.op = op
+        self.fd = fd
+        self.offset = offset
+        self.buffer = buffer
+        self.length = len(buffer)
+        self.priority = Priority(priority)
+        self.deadline = deadline
+        self.result: int | None = None
+        self.error: Exception | None = None
+        self.completion_index: int | None = None
+        self.submitted_at = submitted_at
+        self._pieces_left = 0
+        self._pieces: list = []       # the pieces not yet taken off the queue
+        self._event = threading.Event()
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def __repr__(self) -> str:
+        state = ("done" if self.result is not None else "failed") if self.done() else "pending"
+        return (f"<IORequest {self.op} fd={self.fd} offset={self.offset} length={self.length}"
+                f" {self.priority.name} {state}>")
+
+    # eq/hash by identity (object's defaults)
