@@ -24,6 +24,7 @@ COMMANDS = {
     "sessions": "sessions",
     "trace": "trace",
     "bench": "bench",
+    "weights": "weights",
 }
 
 

@@ -18,7 +18,9 @@ KV_DTYPES = ("float32", "bfloat16", "float16")
 class EngineConfig:
     model: str | None = None               # GGUF file or safetensors dir; None = embedded SmolLM2
     kv_budget: int = 256 << 20             # bytes for the KV arena
-    weight_budget: int | None = None       # bytes of resident weights; None = no limit
+    weight_budget: int | None = None       # bytes the weight pool may hold; None = all resident
+    weight_window: int = 3                 # slots streamed weights cycle through (>= 2 used)
+    state_dir: str | None = None           # weight files etc.; None = $KVMM_STATE_DIR, /var/lib/kvmm, ~/.cache/kvmm
     block_size: int = 16                   # tokens per KV block
     max_model_len: int = 2048              # longest prompt + completion of one sequence
     max_num_seqs: int = 64                 # sequences running at once
@@ -36,7 +38,7 @@ class EngineConfig:
         self.kv_budget = parse_size(self.kv_budget, what="--kv-budget")
         if self.weight_budget is not None:
             self.weight_budget = parse_size(self.weight_budget, what="--weight-budget")
-        for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "weight_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer (got {value!r})")

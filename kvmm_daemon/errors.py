@@ -24,3 +24,11 @@ class RequestError(KvmmError):
 
 class CapacityError(RequestError):
     """The KV budget can never hold the request, even with every other request preempted."""
+
+
+class WeightFileError(KvmmError):
+    """A prepared weight file is missing, stale, truncated or corrupt (it can be rebuilt)."""
+
+
+class WeightReadError(KvmmError):
+    """Weights could not be read from flash (after retries): the step's requests fail."""

@@ -56,7 +56,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY="$ROOT/.venv/bin/python"
 stamp=.venv/.kvmm-deps
-want=$(sha256sum pyproject.toml | cut -c1-16)
+# the editable install maps each top-level package by name: a new package means a new install
+want=$( (cat pyproject.toml; ls -d */__init__.py) | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VPY" -m pip install -q --upgrade pip
   # torch first and pinned: the local CPU wheel; a bare 'torch' would pull a CUDA build.

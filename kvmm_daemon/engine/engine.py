@@ -72,7 +72,9 @@ class Engine:
         return cls(cfg, model_file, runner, kv, swap)
 
     def close(self) -> None:
-        """Release the flash tier (flushes staged prefix blocks, closes the store)."""
+        """Release the flash tier (flushes staged prefix blocks, closes the store) and the
+        weight pool (its file and I/O threads)."""
+        self.runner.model.weights.close()
         if self.tier is not None:
             self.tier.close()
             self.tier = self.scheduler.tier = self.sessions.tier = None

@@ -2,6 +2,8 @@
 arena, block pool and KV manager. Errors here are the user's to fix and say how."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from kvmm_daemon.config import EngineConfig
@@ -11,23 +13,61 @@ from kvmm_daemon.kv.kv_cache import KVCache
 from kvmm_daemon.kv.kv_manager import KVCacheManager
 from kvmm_daemon.model.llama import LlamaModel
 from kvmm_daemon.model.model_file import default_model_path, open_model
-from kvmm_daemon.model.weight_pool import WeightPool
+from kvmm_daemon.model.weight_pool import ResidentWeightPool
+
+log = logging.getLogger("kvmm.engine")
 
 
 def build_engine_parts(cfg: EngineConfig):
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    model_file = open_model(cfg.model if cfg.model is not None else default_model_path())
+    model_path = cfg.model if cfg.model is not None else default_model_path()
+    model_file = open_model(model_path)
     spec = model_file.spec
     max_model_len = min(cfg.max_model_len, spec.context_length)
     cfg.max_model_len = max_model_len
-    weights = WeightPool(model_file, spec, budget_bytes=cfg.weight_budget, linear_mode=cfg.linear_mode)
+    weights = open_weight_pool(cfg, model_file, model_path)
     model = LlamaModel(spec, weights, max_positions=max_model_len)
     kv_cache = KVCache.from_budget(cfg.kv_budget, max_model_len=max_model_len, num_layers=spec.num_layers,
                                    block_size=cfg.block_size, num_kv_heads=spec.num_kv_heads,
                                    head_dim=spec.head_dim, dtype=cfg.kv_dtype)
     kv = KVCacheManager(BlockPool(kv_cache.num_blocks), cfg.block_size, spec.model_id)
     return model_file, ModelRunner(model, kv_cache), kv
+
+
+def open_io_scheduler(cfg: EngineConfig):
+    """The engine's one I/O scheduler (weights and swapfs), its device profile kept in the
+    state directory (measured once, on first use)."""
+    from iosched.device_profile import DeviceProfile
+    from iosched.scheduler import IOScheduler
+    from kvmm_daemon.model.weight_store import state_dir
+
+    from iosched.errors import IOSchedError
+
+    state = state_dir(cfg.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    try:
+        profile = DeviceProfile.load_or_measure(state, state)
+    except (OSError, IOSchedError) as e:
+        log.warning("no device profile for %s (%s); using the defaults", state, e)
+        profile = DeviceProfile.default()
+    return IOScheduler(profile=profile, name="kvmm-io")
+
+
+def open_weight_pool(cfg: EngineConfig, model_file, model_path):
+    """All weights resident (no budget), or a streaming pool under cfg.weight_budget."""
+    if cfg.weight_budget is None:
+        return ResidentWeightPool(model_file, model_file.spec, linear_mode=cfg.linear_mode)
+    from kvmm_daemon.model.weight_store import open_streaming_pool
+
+    io = open_io_scheduler(cfg)
+    try:
+        return open_streaming_pool(model_file, model_path, model_file.spec, io,
+                                   budget_bytes=cfg.weight_budget, configured_state=cfg.state_dir,
+                                   linear_mode=cfg.linear_mode, window=cfg.weight_window)
+    except BaseException:
+        io.close()
+        raise
 
 
 def open_swap(cfg: EngineConfig, spec, kv_cache: KVCache):

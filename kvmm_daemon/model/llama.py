@@ -18,16 +18,16 @@ from kvmm_daemon.kv.kv_cache import KVCache
 from kvmm_daemon.model.attention_metadata import AttentionMetadata
 from kvmm_daemon.model.rope import RotaryEmbedding
 from kvmm_daemon.model.spec import ModelSpec
-from kvmm_daemon.model.weight_pool import WeightPool
 
 
 class LlamaModel:
     """Attributes:
-        spec: the model's shape; weights: where every weight is fetched from;
+        spec: the model's shape; weights: the weight pool every weight is fetched from
+            (weight_pool.py: resident or streaming);
         rope: cos/sin tables covering spec.context_length positions.
     """
 
-    def __init__(self, spec: ModelSpec, weights: WeightPool, max_positions: int) -> None:
+    def __init__(self, spec: ModelSpec, weights, max_positions: int) -> None:
         self.spec = spec
         self.weights = weights
         self.rope = RotaryEmbedding(spec.rope_dim, max_positions, spec.rope_theta)

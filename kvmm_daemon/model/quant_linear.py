@@ -118,6 +118,14 @@ class QuantWeight:
     def in_features(self) -> int:
         return self.shape[1]
 
+    def rows(self, start: int, stop: int) -> QuantWeight:
+        """Output rows [start, stop) as a weight of their own (no copy of the codes)."""
+        if not 0 <= start < stop <= self.out_features:
+            raise ValueError(f"rows [{start}, {stop}) outside 0..{self.out_features}")
+        part = (lambda a: None if a is None else a[start:stop])
+        return QuantWeight(self.ggml_type, (stop - start, self.in_features), self.q[start:stop],
+                           part(self.d), part(self.m))
+
     def dequantize(self) -> np.ndarray:
         """Float32 [out, in], bit-identical to gguf.quants.dequantize."""
         if self.ggml_type not in _BLOCK_BYTES:
@@ -251,6 +259,28 @@ class QuantLinear:
         self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
         self.scales = int4pack_scales_zeros(d, m, torch.bfloat16)
 
+    def parts(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(meta, tensors) from which `from_parts` rebuilds this linear exactly: the meta is
+        JSON-able, the tensors are the ones the matmul reads (so a weight file can hold them
+        in the form the forward uses)."""
+        meta = {"mode": self.mode, "in_features": self.in_features, "out_splits": list(self.out_splits)}
+        held = {"weight": self.weight}
+        if self.scales is not None:
+            held["scales"] = self.scales
+        return meta, held
+
+    @classmethod
+    def from_parts(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> QuantLinear:
+        """The linear `parts()` described, over the given tensors (views are kept, not copied)."""
+        self = cls.__new__(cls)
+        self.mode = meta["mode"]
+        self.in_features = int(meta["in_features"])
+        self.out_splits = tuple(int(n) for n in meta["out_splits"])
+        self.out_features = sum(self.out_splits)
+        self.weight = tensors["weight"]
+        self.scales = tensors.get("scales")
+        return self
+
     @property
     def nbytes(self) -> int:
         """Bytes of the tensors this linear holds."""
@@ -294,6 +324,14 @@ def make_linear(parts: list[Any], *, mode: str = "auto") -> QuantLinear:
     return QuantLinear(qws, modes.pop() if len(modes) == 1 else "bfloat16")
 
 
+def lm_head_chunk_rows(vocab_size: int, hidden_size: int, layer_bytes: int) -> int:
+    """Vocabulary rows per LM-head chunk: about one layer's bytes at 2 bytes per weight, a
+    multiple of 256 rows. A function of the model's shape only, so every engine of a model
+    (resident or streaming) splits the head alike and computes bit-identical logits."""
+    rows = max(256, (layer_bytes // (2 * hidden_size)) // 256 * 256)
+    return min(rows, -(-vocab_size // 256) * 256)
+
+
 def make_lm_head(weight: Any, *, mode: str = "auto") -> QuantLinear:
     """logits = x @ E^T for the (possibly tied) output matrix E [vocab, hidden].
 
@@ -302,6 +340,21 @@ def make_lm_head(weight: Any, *, mode: str = "auto") -> QuantLinear:
     at 8+; int8 as fast as bfloat16 but 1.3% off).
     """
     return make_linear([weight], mode=mode)
+
+
+def make_lm_head_chunks(weight: Any, *, chunk_rows: int, mode: str = "auto") -> list[QuantLinear]:
+    """The head as linears over consecutive row chunks of E (`lm_head_chunk_rows`), so it can
+    stream from flash in pieces the size of a layer; `lm_head_logits` runs them."""
+    qw = as_quant_weight(weight)
+    vocab = qw.out_features
+    return [make_linear([qw.rows(a, min(a + chunk_rows, vocab))], mode=mode)
+            for a in range(0, vocab, chunk_rows)]
+
+
+def lm_head_logits(hidden: torch.Tensor, chunks) -> torch.Tensor:
+    """Float32 logits [N, vocab] from the head's chunk linears (an iterable, so a streaming
+    pool can hand each chunk over as it arrives)."""
+    return torch.cat([chunk(hidden) for chunk in chunks], dim=-1)
 
 
 class QuantEmbedding:
@@ -319,6 +372,22 @@ class QuantEmbedding:
         self.q = torch.from_numpy(np.require(qw.q, requirements=["C", "W"]))
         self.d = None if qw.d is None else torch.from_numpy(qw.d)
         self.m = None if qw.m is None else torch.from_numpy(qw.m)
+
+    def row_parts(self) -> list[torch.Tensor]:
+        """The per-row tensors (q, then d and m where present), each [num_embeddings, ...]:
+        a row's record in a weight file is its slice of each, in this order."""
+        return [t for t in (self.q, self.d, self.m) if t is not None]
+
+    @classmethod
+    def from_row_parts(cls, ggml_type: str, parts: list[torch.Tensor]) -> QuantEmbedding:
+        """An embedding over the given rows' parts (as `row_parts()` lists them)."""
+        self = cls.__new__(cls)
+        self.ggml_type = ggml_type
+        self.q = parts[0]
+        self.d = parts[1] if len(parts) > 1 else None
+        self.m = parts[2] if len(parts) > 2 else None
+        self.num_embeddings, self.embedding_dim = self.q.shape
+        return self
 
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
         ids = token_ids.reshape(-1).long()

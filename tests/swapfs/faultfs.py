@@ -2,9 +2,10 @@
 
 This kernel has no device-mapper (no dm-error/dm-flakey) and no fail_make_request, so the
 swap tests put the slot file on this file system instead: it passes everything through to a
-backing directory, with slot files opened direct_io (no page cache, so an O_DIRECT caller
+backing directory, with those files opened direct_io (no page cache, so an O_DIRECT caller
 sees each failure at once), and while `<control>/read_eio` or `<control>/write_eio` exists
-it answers reads or writes of `*.slots` files with EIO (`<control>/write_enospc`: ENOSPC).
+it answers reads or writes of `*.slots` (swap) and `*.kvw` (weight) files with EIO
+(`<control>/write_enospc`: ENOSPC).
 
 Run: python faultfs.py BACKING_DIR MOUNTPOINT CONTROL_DIR  (prints "ready" once mounted;
 SIGTERM unmounts).
@@ -19,6 +20,8 @@ import sys
 import pyfuse3
 import trio
 
+FAULTY = (".slots", ".kvw")   # swap slot files and weight files: direct_io, and faulted on demand
+
 
 class FaultFS(pyfuse3.Operations):
     def __init__(self, backing: str, control: str) -> None:
@@ -32,7 +35,7 @@ class FaultFS(pyfuse3.Operations):
         return os.path.join(self.backing, name)
 
     def _fault(self, name: str, what: str) -> None:
-        if name.endswith(".slots"):
+        if name.endswith(FAULTY):
             if os.path.exists(os.path.join(self.control, f"{what}_eio")):
                 raise pyfuse3.FUSEError(errno.EIO)
             if what == "write" and os.path.exists(os.path.join(self.control, "write_enospc")):
@@ -99,7 +102,7 @@ class FaultFS(pyfuse3.Operations):
         fd = os.open(self._path(name), flags)
         self.fds[fd] = (fd, name)
         fi = pyfuse3.FileInfo(fh=fd)
-        fi.direct_io = name.endswith(".slots")  # SQLite's -shm needs shared mmap
+        fi.direct_io = name.endswith(FAULTY)  # SQLite's -shm needs shared mmap
         return fi
 
     async def open(self, inode, flags, ctx):
