@@ -25,6 +25,7 @@ class EngineStats:
     block_bytes: int
     weights: dict
     flash: dict | None = None   # FlashTier statistics when a swap tier is configured
+    memory: dict | None = None  # resident bytes split: weights, weight_buffers, kv, rest (of rss)
 
     @classmethod
     def collect(cls, engine) -> EngineStats:
@@ -39,10 +40,24 @@ class EngineStats:
                    sessions=sessions, steps=engine._steps, tokens_computed=engine._tokens_computed,
                    block_size=engine.kv.block_size, block_bytes=engine.runner.kv_cache.block_bytes,
                    weights=asdict(weights),
-                   flash=engine.tier.statistics() if engine.tier is not None else None)
+                   flash=engine.tier.statistics() if engine.tier is not None else None,
+                   memory=memory_split(weights, engine.runner.kv_cache.nbytes))
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["sessions"] = [dict(asdict(s), owner=s.owner if isinstance(s.owner, (int, str, type(None))) else str(s.owner))
                          for s in self.sessions]
         return d
+
+
+def memory_split(weights, kv_bytes: int) -> dict:
+    """The process's resident memory by owner: pinned weights, weight streaming buffers
+    (window slots, embedding scratch, final norm), the KV arena, and the rest (torch, Python,
+    the tokenizer...), which is rss minus the others."""
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    pinned = weights.pinned_bytes if weights.streaming else weights.resident_bytes
+    buffers = weights.resident_bytes - pinned if weights.streaming else 0
+    return {"rss": rss, "weights": pinned, "weight_buffers": buffers, "kv": kv_bytes,
+            "rest": rss - pinned - buffers - kv_bytes}

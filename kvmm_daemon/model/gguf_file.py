@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +104,19 @@ class GGUFModelFile:
         h = hashlib.sha256(b"kvmm-gguf-v1\0")
         buf = self._gguf.buffer
         h.update(buf[:self._gguf.header_size])
-        for info in sorted(self._infos.values(), key=lambda i: i.data_offset):
-            nbytes = self._nbytes(info)
-            start, end = info.data_offset, min(info.data_offset + nbytes, len(buf))
-            mid = max(start, (start + end) // 2 - _SAMPLE // 2)
-            for a in sorted({start, mid, max(start, end - _SAMPLE)}):
-                h.update(buf[a:min(a + _SAMPLE, end)])
+        # The samples are read with pread, not through the mapping, and without readahead:
+        # faulting them in would map ~30 MiB of the file into a process whose memory is
+        # budgeted (fault-around), and readahead would fill the page cache with ~100 MiB.
+        with open(self.path, "rb") as f:
+            fd = f.fileno()
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            for info in sorted(self._infos.values(), key=lambda i: i.data_offset):
+                nbytes = self._nbytes(info)
+                start, end = info.data_offset, min(info.data_offset + nbytes, len(buf))
+                mid = max(start, (start + end) // 2 - _SAMPLE // 2)
+                for a in sorted({start, mid, max(start, end - _SAMPLE)}):
+                    if (n := min(a + _SAMPLE, end) - a) > 0:
+                        h.update(os.pread(fd, n, a))
         return "sha256:" + h.hexdigest()
 
     def _nbytes(self, info: TensorInfo) -> int:

@@ -41,6 +41,7 @@ class StreamWindow:
         _current: the entry the forward is computing on (its slot is held), or None.
         _free: slots neither in _ring nor held by _current.
         _next: the position the next refill reads (cycle order, mod S).
+        _built: segment objects over (slot, position), at most window * S of them.
         len(_ring) + len(_free) + (_current is not None) == window.
     """
 
@@ -56,6 +57,7 @@ class StreamWindow:
         self._current: _Entry | None = None
         self._free = list(range(len(slots)))
         self._next = 0
+        self._built: dict[tuple[int, int], object] = {}   # (slot, pos) -> segment over that slot
         self.stall_s = [0.0] * len(records)      # time waited for each record, cumulative
         self.read_bytes = 0                      # bytes read (complete), cumulative
 
@@ -103,7 +105,11 @@ class StreamWindow:
         self.read_bytes += self.records[pos].padded
         self._current = entry
         self._fill()
-        return self.build(self.records[pos], self.slots[entry.slot][1])
+        key = (entry.slot, pos)
+        segment = self._built.get(key)
+        if segment is None:   # views over a slot stay valid: build each (slot, segment) once
+            segment = self._built[key] = self.build(self.records[pos], self.slots[entry.slot][1])
+        return segment
 
     def reset(self, pos: int = 0) -> None:
         """Drain everything in flight; the cycle restarts at `pos`."""
