@@ -10,12 +10,17 @@ builds one bio segment per physical page, so a buffer of 4 KiB pages caps a virt
 at a 2 MiB-aligned address, asks for huge pages with madvise(MADV_HUGEPAGE) and faults them in.
 
 Prior art: the huge-page arena of llama.cpp's mmap loader, PyTorch's THP_MEM_ALLOC_ENABLE.
-Left out: hugetlbfs (needs reserved pages), mlock (the caller's budget decides).
+`lock()` pins the buffer with mlock2(MLOCK_ONFAULT) (plain mlock where mlock2 is missing), so
+weights and KV never go to swap; the caller decides whether its budget allows it.
+Left out: hugetlbfs (needs reserved pages).
 """
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
+import errno
 import mmap
+import os
 import sys
 from typing import Any
 
@@ -24,6 +29,15 @@ import numpy as np
 ALIGN = 4096                 # O_DIRECT alignment of addresses, lengths and file offsets
 HUGE_PAGE = 2 * 1024 * 1024  # x86-64 / arm64 (4 KiB base pages) PMD size
 _MADV_POPULATE_WRITE = 23    # Linux >= 5.14; not exported by Python's mmap module
+_MLOCK_ONFAULT = 1
+_libc = None
+
+
+def _c_library() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
 
 
 def round_up(n: int, align: int) -> int:
@@ -40,6 +54,8 @@ class AlignedBuffer:
       address: virtual address of view[0]; a multiple of HUGE_PAGE (ALIGN).
       huge_pages_requested: madvise(MADV_HUGEPAGE) succeeded (the kernel may still fall back
         to 4 KiB pages under fragmentation; `huge_page_bytes()` tells what it got).
+      locked: lock() succeeded (the range is mlocked until the mapping goes).
+      lock_error: why the last lock() was refused (naming the limit to raise), else None.
     Invariant: `view` is valid until `close()`; after it, `view` is None (views, slices and
     tensors taken from it stay valid as long as they live).
     """
@@ -56,6 +72,8 @@ class AlignedBuffer:
         offset = (-base) % align
         self.address = base + offset
         self.huge_pages_requested = False
+        self.locked = False
+        self.lock_error: str | None = None
         if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 self._map.madvise(mmap.MADV_HUGEPAGE, offset, self.nbytes)
@@ -74,6 +92,29 @@ class AlignedBuffer:
             view = self.view
             for i in range(0, self.nbytes, step):
                 view[i] = 0
+
+    def lock(self, onfault: bool = True) -> bool:
+        """Pin the buffer in RAM: mlock2(MLOCK_ONFAULT) when `onfault` (pages lock as they are
+        touched), else (or where mlock2 is missing) mlock. Returns False and sets `lock_error`
+        when the kernel refuses (RLIMIT_MEMLOCK too low, no CAP_IPC_LOCK)."""
+        if self.view is None:
+            raise ValueError("lock() on a closed AlignedBuffer")
+        libc = _c_library()
+        addr, n = ctypes.c_void_p(self.address), ctypes.c_size_t(self.nbytes)
+        rc, err = -1, errno.ENOSYS
+        if onfault and hasattr(libc, "mlock2"):
+            rc = libc.mlock2(addr, n, ctypes.c_int(_MLOCK_ONFAULT))
+            err = ctypes.get_errno() if rc != 0 else 0
+        if rc != 0 and err in (errno.ENOSYS, errno.EINVAL):
+            rc = libc.mlock(addr, n)
+            err = ctypes.get_errno() if rc != 0 else 0
+        if rc == 0:
+            self.locked, self.lock_error = True, None
+            return True
+        self.lock_error = (f"mlock of {self.nbytes} bytes refused: {os.strerror(err)}; raise the"
+                           f" locked-memory limit (systemd: LimitMEMLOCK= in the unit; shell:"
+                           f" ulimit -l) or run without locking")
+        return False
 
     def huge_page_bytes(self) -> int:
         """Bytes of this buffer backed by transparent huge pages (from /proc/self/smaps)."""

@@ -1,10 +1,138 @@
-"""UringBackend (io_uring) -- placeholder until the native ring is built."""
+"""UringBackend: one dispatcher thread that keeps up to `queue_depth` transfers in flight on
+an io_uring (the C binding in csrc/uring.c, called through ctypes, which drops the GIL).
+
+The loop: take transfers from the scheduler until the ring holds queue_depth (blocking only
+when nothing is in flight), queue one READV/WRITEV SQE each, submit them with one
+io_uring_enter, then wait for at least one completion and reap every completion that is
+there. A short or failed completion the scheduler wants retried is queued again at once.
+So a batch of n transfers costs about two syscalls instead of n.
+
+Prior art: liburing's io_uring-cp example, RocksDB's io_uring MultiRead, fio's ioengine.
+Left out: waking the dispatcher for new work while it waits on the ring (work that arrives
+then is taken at the next completion, at most one transfer later), SQPOLL, fixed buffers.
+"""
 from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from iosched import uring_native
+from iosched.aligned_buffer import address_of
+
+if TYPE_CHECKING:
+    from iosched.scheduler import IOScheduler
+    from iosched.transfer import Transfer
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
 class UringBackend:
+    """Attributes: name ("io_uring"); queue_depth: transfers in flight at most; entries: the
+    ring's SQ size (>= queue_depth); _ring: the native ring (None after stop());
+    _thread: the dispatcher. The dispatcher alone touches the ring after start()."""
+
     name = "io_uring"
 
+    def __init__(self, lib: ctypes.CDLL, ring: int, queue_depth: int, entries: int) -> None:
+        self._lib = lib
+        self._ring: int | None = ring
+        self.queue_depth = queue_depth
+        self.entries = entries
+        self._thread: threading.Thread | None = None
+
     @classmethod
-    def create(cls, queue_depth: int):
-        return None, "io_uring backend not implemented yet"
+    def create(cls, queue_depth: int) -> tuple[UringBackend | None, str]:
+        """(backend, "io_uring: ...") or (None, why io_uring cannot be used)."""
+        lib, why = uring_native.load()
+        if lib is None:
+            return None, why
+        entries = 1 << max(queue_depth - 1, 0).bit_length()
+        err = ctypes.c_int(0)
+        ring = lib.kvr_open(entries, ctypes.byref(err))
+        if not ring:
+            hint = (" (io_uring disabled: sysctl kernel.io_uring_disabled, or a seccomp filter)"
+                    if err.value in (1, 38) else "")
+            return None, (f"io_uring ring of {entries} entries refused:"
+                          f" {os.strerror(err.value)}{hint}")
+        return cls(lib, ring, queue_depth, entries), (
+            f"io_uring: native ring of {entries} entries, {queue_depth} in flight"
+            f" ({uring_native.library_path()})")
+
+    def start(self, sched: IOScheduler) -> None:
+        self._thread = threading.Thread(target=self._run, args=(sched,), daemon=True,
+                                        name=f"{sched.name}-uring")
+        self._thread.start()
+
+    def _prep(self, t: Transfer, ud: int) -> None:
+        views = t.iov()
+        iov = (_Iovec * len(views))()
+        for i, v in enumerate(views):
+            iov[i].iov_base = address_of(v)
+            iov[i].iov_len = len(v)
+        t.iov_keepalive = iov
+        t.user_data = ud
+        rc = self._lib.kvr_prep(self._ring, 0 if t.op == "read" else 1, t.fd,
+                                ctypes.addressof(iov), len(views), t.position, ud)
+        assert rc == 0, f"io_uring SQ full although {self.entries} >= queue depth"
+
+    def _run(self, sched: IOScheduler) -> None:
+        lib, ring = self._lib, self._ring
+        qd = self.queue_depth
+        in_flight: dict[int, Transfer] = {}
+        queued = 0                               # SQEs prepared, not yet submitted
+        next_ud = 1
+        ud_arr = (ctypes.c_ulonglong * qd)()
+        res_arr = (ctypes.c_int * qd)()
+        entered = ctypes.c_int(0)
+        while True:
+            while len(in_flight) < qd:
+                t = sched._take(block=not in_flight)
+                if t is None:
+                    break
+                self._prep(t, next_ud)
+                in_flight[next_ud] = t
+                next_ud += 1
+                queued += 1
+            if not in_flight:
+                return                           # closing and nothing left
+            if queued:
+                rc = lib.kvr_submit(ring)
+                sched._count_syscalls(1)
+                if rc < 0:                       # the ring itself failed: fail these transfers
+                    err = OSError(-rc, os.strerror(-rc))
+                    for ud, t in list(in_flight.items()):
+                        del in_flight[ud]
+                        self._finish(sched, t, err, in_flight)
+                    queued = 0
+                    continue
+                queued = 0
+            n = lib.kvr_reap(ring, 1, ud_arr, res_arr, qd, ctypes.byref(entered))
+            sched._count_syscalls(entered.value)
+            if n < 0:
+                raise OSError(-n, f"io_uring wait failed: {os.strerror(-n)}")
+            for i in range(n):
+                t = in_flight.pop(ud_arr[i])
+                res = res_arr[i]
+                again = sched._complete(t, res if res >= 0 else OSError(-res, os.strerror(-res)))
+                if again is not None:
+                    self._prep(again, next_ud)
+                    in_flight[next_ud] = again
+                    next_ud += 1
+                    queued += 1
+
+    def _finish(self, sched: IOScheduler, t: Transfer, err: OSError,
+                in_flight: dict[int, Transfer]) -> None:
+        while t is not None:
+            t = sched._complete(t, err)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._ring is not None:
+            self._lib.kvr_close(self._ring)
+            self._ring = None

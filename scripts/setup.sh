@@ -80,4 +80,10 @@ fi
 if ! "$VPY" -c 'from kernels import cpu_native; print("setup: native CPU kernels:", cpu_native.build())'; then
   echo "setup: the native CPU kernels did not build; the slower torch path will serve" >&2
 fi
+# The io_uring binding of the I/O scheduler (iosched/csrc/uring.c with liburing) into
+# .venv/iosched_native; skipped when the library is newer than its source. Not fatal: without
+# it the scheduler uses its preadv thread pool (and logs why at start).
+if ! "$VPY" -c 'from iosched import uring_native; print("setup: io_uring binding:", uring_native.build())'; then
+  echo "setup: the io_uring binding did not build; the I/O scheduler will use preadv threads" >&2
+fi
 echo "setup: ready (.venv)"

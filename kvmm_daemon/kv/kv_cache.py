@@ -6,20 +6,21 @@ layers one contiguous byte range, so the flash tier moves a block with one align
 write (`block_view`); layer l's K and V caches are strided views `kv[:, l, 0]`, `kv[:, l, 1]`
 of shape [num_blocks, block_size, num_kv_heads, head_dim] (inner three dims contiguous).
 
-On CPU the arena is an anonymous mmap (page-aligned, so block views of a page-multiple size
-suit O_DIRECT), advised to use transparent huge pages, and written once at start so every
-page is resident and the hot path never faults. Prior art: vLLM's per-layer KV tensors and
+On CPU the arena is an iosched AlignedBuffer: anonymous, 2 MiB aligned (so block views of a
+page-multiple size suit O_DIRECT), advised to use transparent huge pages, and populated (zero
+filled) at start so every page is resident and the hot path never faults. Its rounding up to
+whole 2 MiB pages is the arena's only overhead beyond the budget. Prior art: vLLM's per-layer KV tensors and
 `check_enough_kv_cache_memory`; nano-vllm `ModelRunner.allocate_kv_cache` (one tensor for
 all layers). Left out: mlock (systemd's LimitMEMLOCK decides; the budget is hard anyway) and
 quantized KV.
 """
 from __future__ import annotations
 
-import mmap
 from collections.abc import Iterable
 
 import torch
 
+from iosched.aligned_buffer import AlignedBuffer
 from kvmm_daemon.errors import ConfigError
 from kvmm_daemon.sizes import format_size
 
@@ -44,7 +45,8 @@ class KVCache:
       kv          the contiguous arena tensor, shape as above; never reallocated, so views
                   and block tables stay valid.
       _layers     per-layer (k_cache, v_cache) views of `kv`.
-      _mmap       the anonymous mapping backing `kv` on CPU (kept alive with it), else None.
+      _buffer     the AlignedBuffer backing `kv` on CPU (its memory lives as long as `kv`
+                  does), else None.
     """
 
     def __init__(self, num_blocks: int, *, num_layers: int, block_size: int,
@@ -63,15 +65,13 @@ class KVCache:
         self.dtype = _as_dtype(dtype)
         self.device = torch.device(device)
         shape = (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
-        self._mmap: mmap.mmap | None = None
+        self._buffer: AlignedBuffer | None = None
         if self.device.type == "cpu":
-            self._mmap = mmap.mmap(-1, num_blocks * self.block_bytes,
-                                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                self._mmap.madvise(mmap.MADV_HUGEPAGE)
-            raw = torch.frombuffer(self._mmap, dtype=torch.uint8)
+            nbytes = num_blocks * self.block_bytes
+            # populate=True faults every (zero) page in now, not on the hot path
+            self._buffer = AlignedBuffer(nbytes, huge_pages=True, populate=True)
+            raw = torch.frombuffer(self._buffer.view[:nbytes], dtype=torch.uint8)
             self.kv = raw.view(self.dtype).view(shape)
-            self.kv.zero_()          # fault every page in now, not on the hot path
         else:
             self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._layers = [(self.kv[:, l, 0], self.kv[:, l, 1]) for l in range(num_layers)]

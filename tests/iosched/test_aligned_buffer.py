@@ -55,3 +55,24 @@ def test_as_byte_view_accepts_block_shaped_inputs():
         as_byte_view(b"abcd", writable=True)
     with pytest.raises(ValueError, match="contiguous"):
         as_byte_view(kv[:, 0], writable=False)
+
+
+def test_lock_pins_or_says_which_limit_to_raise():
+    import resource
+    with AlignedBuffer(HUGE_PAGE) as buf:
+        assert buf.lock() is True, buf.lock_error
+        assert buf.locked and buf.lock_error is None
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    code = ("import resource, os; from iosched.aligned_buffer import AlignedBuffer, HUGE_PAGE;"
+            "os.setgid(65534); os.setuid(65534) if os.geteuid() == 0 else None;"
+            "resource.setrlimit(resource.RLIMIT_MEMLOCK, (4096, 4096));"
+            "b = AlignedBuffer(HUGE_PAGE); ok = b.lock(); print(ok); print(b.lock_error)")
+    import os
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stderr
+    ok, msg = out.stdout.splitlines()
+    assert ok == "False"
+    assert "LimitMEMLOCK=" in msg and "ulimit -l" in msg
