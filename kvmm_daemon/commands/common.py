@@ -14,7 +14,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", help="GGUF file or Llama safetensors directory (default: embedded SmolLM2-135M)")
     g.add_argument("--kv-budget", default="256MiB", help="bytes for the KV block pool (default 256MiB)")
-    g.add_argument("--weight-budget", default=None, help="bytes of resident weights (default: no limit)")
+    g.add_argument("--weight-budget", default=None, help="bytes the weight pool may hold, e.g. 22MiB; "
+                   "the rest streams from flash (default: all resident)")
+    g.add_argument("--state-dir", default=None, help="where weight files live (default: "
+                   "$KVMM_STATE_DIR, /var/lib/kvmm or ~/.cache/kvmm)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     g.add_argument("--max-model-len", type=int, default=2048, help="longest prompt+completion (default 2048)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once (default 64)")
@@ -25,6 +28,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, kv_budget=args.kv_budget, weight_budget=args.weight_budget,
+                        state_dir=args.state_dir,
                         block_size=args.block_size, max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
                         kv_dtype=args.kv_dtype, threads=args.threads)

@@ -9,7 +9,10 @@ FLAGS = {
     "--socket-group": ("socket_group", str, "group owning the socket (default kvmm; '' = keep)"),
     "--model": ("model", str, "GGUF file or safetensors directory (default: embedded SmolLM2-135M)"),
     "--kv-budget": ("kv_budget", str, "bytes for the KV cache, e.g. 256MiB"),
-    "--weight-budget": ("weight_budget", str, "bytes of resident weights, e.g. 512MiB"),
+    "--weight-budget": ("weight_budget", str, "bytes the weight pool may hold, e.g. 22MiB (the rest "
+                        "streams from flash; default: all resident)"),
+    "--state-dir": ("state_dir", str, "where prepared weight files and the device profile live "
+                    "(default /var/lib/kvmm)"),
     "--max-model-len": ("max_model_len", int, "longest prompt + completion of one sequence"),
     "--threads": ("threads", int, "torch compute threads (default: all cores)"),
     "--swap-dir": ("swap_dir", str, "directory of the flash swap tier"),

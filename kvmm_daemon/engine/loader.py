@@ -32,7 +32,7 @@ def build_engine_parts(cfg: EngineConfig):
                                    block_size=cfg.block_size, num_kv_heads=spec.num_kv_heads,
                                    head_dim=spec.head_dim, dtype=cfg.kv_dtype)
     kv = KVCacheManager(BlockPool(kv_cache.num_blocks), cfg.block_size, spec.model_id)
-    return model_file, ModelRunner(model, kv_cache), kv
+    return model_file, ModelRunner(model, kv_cache, threads=cfg.threads), kv
 
 
 def open_io_scheduler(cfg: EngineConfig):

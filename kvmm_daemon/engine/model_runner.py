@@ -7,6 +7,8 @@ Copy-on-write block copies the KV manager queued are applied before any K/V is w
 """
 from __future__ import annotations
 
+import threading
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,10 +31,20 @@ class ScheduledChunk:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, *, threads: int | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
+        self.threads = threads          # torch intra-op threads; None = torch's default
+        self._threads_in: int | None = None   # the thread whose thread count was last set
+
+    def _set_threads(self) -> None:
+        """torch's thread count is an OpenMP setting of the thread that computes: set it in
+        whichever thread runs the step (the daemon steps in a worker thread), once per thread."""
+        me = threading.get_ident()
+        if self.threads is not None and self._threads_in != me:
+            torch.set_num_threads(self.threads)
+            self._threads_in = me
 
     def build_metadata(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.block_size
@@ -70,6 +82,7 @@ class ModelRunner:
                 all_logits: bool = False) -> torch.Tensor:
         """Run one step. Returns logits [rows, vocab]: one row per chunk with want_logits
         (in chunk order), or one per token of every chunk when all_logits."""
+        self._set_threads()
         if copies:
             self.kv_cache.copy_blocks(list(copies))
         input_ids, positions, meta = self.build_metadata(chunks)

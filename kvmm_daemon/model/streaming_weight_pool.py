@@ -59,8 +59,7 @@ class StreamingWeightPool:
                                     fixed_bytes=fixed, window=window)
         self.fd = _open_direct(wf.path)
         self.arena = AlignedBuffer(self.plan.arena_bytes, huge_pages=self.plan.huge_pages)
-        lock = getattr(self.arena, "lock", None)   # TEMP until iosched lands AlignedBuffer.lock
-        self.lock_error = None if lock is not None and lock() else getattr(self.arena, "lock_error", "not locked")
+        self.lock_error = None if self.arena.lock() else self.arena.lock_error
         if self.lock_error:
             log.warning("weight pool not locked in memory: %s", self.lock_error)
         raw = torch.frombuffer(self.arena.view, dtype=torch.uint8)
