@@ -55,7 +55,7 @@ def measure(args: argparse.Namespace) -> dict:
             "read_gb_per_s": round((after.bytes_read - before.bytes_read) / wall / 1e9, 3),
         }
     stats = pool.statistics()
-    out.update(peak_rss=_peak_rss(), memory=engine.statistics().memory,
+    out.update(peak_rss=_peak_rss(), memory=engine.statistics().as_dict()["memory"],
                pool={"streaming": stats.streaming, "window": stats.window, "pinned_bytes": stats.pinned_bytes,
                      "streamed_bytes_per_step": stats.streamed_bytes_per_step, "arena_bytes": stats.resident_bytes,
                      "locked": stats.locked, "lock_error": stats.lock_error, "model_bytes": stats.file_bytes})

@@ -25,7 +25,7 @@ class EngineStats:
     block_bytes: int
     weights: dict
     flash: dict | None = None   # FlashTier statistics when a swap tier is configured
-    memory: dict | None = None  # resident bytes split: weights, weight_buffers, kv, rest (of rss)
+    memory: dict | None = None  # bytes held: weights, weight_buffers, kv (as_dict adds rss, rest)
 
     @classmethod
     def collect(cls, engine) -> EngineStats:
@@ -41,23 +41,29 @@ class EngineStats:
                    block_size=engine.kv.block_size, block_bytes=engine.runner.kv_cache.block_bytes,
                    weights=asdict(weights),
                    flash=engine.tier.statistics() if engine.tier is not None else None,
-                   memory=memory_split(weights, engine.runner.kv_cache.nbytes))
+                   memory=memory_held(weights, engine.runner.kv_cache.nbytes))
 
     def as_dict(self) -> dict:
         d = asdict(self)
+        if self.memory is not None:
+            d["memory"] = memory_split(self.memory)
         d["sessions"] = [dict(asdict(s), owner=s.owner if isinstance(s.owner, (int, str, type(None))) else str(s.owner))
                          for s in self.sessions]
         return d
 
 
-def memory_split(weights, kv_bytes: int) -> dict:
-    """The process's resident memory by owner: pinned weights, weight streaming buffers
-    (window slots, embedding scratch, final norm), the KV arena, and the rest (torch, Python,
-    the tokenizer...), which is rss minus the others."""
+def memory_held(weights, kv_bytes: int) -> dict:
+    """Bytes the pools hold: pinned weights, weight streaming buffers (window slots, embedding
+    scratch, final norm) and the KV arena."""
+    pinned = weights.pinned_bytes if weights.streaming else weights.resident_bytes
+    buffers = weights.resident_bytes - pinned if weights.streaming else 0
+    return {"weights": pinned, "weight_buffers": buffers, "kv": kv_bytes}
+
+
+def memory_split(held: dict) -> dict:
+    """`held` plus the process's rss and the rest of it (torch, Python, the tokenizer...),
+    read now (not on every step: it is a /proc read)."""
     import psutil
 
     rss = psutil.Process().memory_info().rss
-    pinned = weights.pinned_bytes if weights.streaming else weights.resident_bytes
-    buffers = weights.resident_bytes - pinned if weights.streaming else 0
-    return {"rss": rss, "weights": pinned, "weight_buffers": buffers, "kv": kv_bytes,
-            "rest": rss - pinned - buffers - kv_bytes}
+    return {"rss": rss, **held, "rest": rss - sum(held.values())}
