@@ -13,7 +13,8 @@ both checksums before a payload counts as data, so a torn write, a slot overwrit
 its metadata was committed, or bit rot raises `SlotCorruptError` instead of being served.
 
 Requests go through an iosched.IOScheduler (passed in, or one of `io_threads` in flight and
-`max_request`-byte transfers made and owned by the store): a batch submits each slot's header
+`max_request`-byte transfers made and owned by the store; $KVMM_IOSCHED_BACKEND picks its
+backend, default "auto"): a batch submits each slot's header
 and payload as two requests inside `IOScheduler.batch()`, so the scheduler merges consecutive
 slots into vectored syscalls of up to its request size, then waits for all of them. Reads go
 at Priority.KV_SWAP_IN and writes at KV_WRITE_BACK unless the caller says otherwise. Payload
@@ -108,7 +109,7 @@ class SlotStore:
         if self.scheduler is None:
             prof = DeviceProfile(queue_depth=io_threads, request_bytes=round_up(max_request, ALIGN),
                                  read_bandwidth=0.0, measured_on="swapfs default")
-            self.scheduler = IOScheduler(profile=prof, name="swapfs")
+            self.scheduler = IOScheduler(profile=prof, name="swapfs", backend=os.environ.get("KVMM_IOSCHED_BACKEND", "auto"))
 
     # -- opening and formatting ----------------------------------------------------------
 
@@ -205,7 +206,9 @@ class SlotStore:
     def write(self, items: Sequence[tuple[int, int, memoryview]], *,
               priority: Priority = Priority.KV_WRITE_BACK) -> list[int]:
         """Write (slot_id, generation, payload) items; returns each payload's checksum in the
-        order given. Not durable until `sync()`. Raises SwapNoSpaceError / SwapIOError."""
+        order given. Not durable until `sync()`. Raises SwapNoSpaceError / SwapIOError.
+        Checksums are computed a request's worth of slots at a time, each group submitted as
+        soon as its headers are ready, so hashing overlaps the device's work."""
         for slot_id, _gen, payload in items:
             self._check(slot_id, payload)
         if not items:
@@ -214,25 +217,36 @@ class SlotStore:
         t0 = time.perf_counter()
         iov, areas = self._iovecs(items)
         crcs = []
-        for k, ((slot_id, gen, payload), (area, bounced)) in enumerate(zip(items, areas)):
-            if bounced:
-                area[:len(payload)] = payload
-                area[len(payload):] = bytes(len(area) - len(payload))
-            crc = self._checksum(payload)
-            head = _HEADER.pack(_HEADER_MAGIC, self.layout_id, slot_id, gen, len(payload), crc)
-            hdr = iov[2 * k]
-            hdr[:_HEADER.size] = head
-            hdr[_HEADER.size:_HEADER.size + 4] = _CRC.pack(zlib.crc32(head))
-            crcs.append(crc)
-        self._transfer(items, iov, priority, write=True)
+        reqs: list = []
+        group = self._group()
+        for start in range(0, len(items), group):
+            for k in range(start, min(start + group, len(items))):
+                (slot_id, gen, payload), (area, bounced) = items[k], areas[k]
+                if bounced:
+                    area[:len(payload)] = payload
+                    area[len(payload):] = bytes(len(area) - len(payload))
+                crc = self._checksum(payload)
+                head = _HEADER.pack(_HEADER_MAGIC, self.layout_id, slot_id, gen, len(payload), crc)
+                hdr = iov[2 * k]
+                hdr[:_HEADER.size] = head
+                hdr[_HEADER.size:_HEADER.size + 4] = _CRC.pack(zlib.crc32(head))
+                crcs.append(crc)
+            reqs += self._submit(items, iov, range(start, min(start + group, len(items))),
+                                 priority, write=True)
+        first = None
+        for r in reqs:
+            first = first or self._wait(r, write=True)
         self._account(len(items), time.perf_counter() - t0, write=True)
+        if first is not None:
+            raise first
         return crcs
 
     def read(self, items: Sequence[tuple[int, int, memoryview]], *,
              priority: Priority = Priority.KV_SWAP_IN) -> list[SwapError | None]:
         """Read (slot_id, expected generation, destination) items; returns per item None
         (destination holds the verified payload) or the SwapError that hit it (destination
-        content undefined)."""
+        content undefined). Every slot is submitted at once; each is verified as soon as it
+        has arrived, while the rest are still being read."""
         for slot_id, _gen, into in items:
             self._check(slot_id, into)
         if not items:
@@ -240,15 +254,25 @@ class SlotStore:
         self._unique(items)
         t0 = time.perf_counter()
         iov, areas = self._iovecs(items)
-        self._transfer(items, iov, priority, write=False)
+        reqs = self._submit(items, iov, range(len(items)), priority, write=False)
         results: list[SwapError | None] = []
+        first = None
         for k, ((slot_id, gen, into), (area, bounced)) in enumerate(zip(items, areas)):
+            failed = None
+            for r in reqs[2 * k:2 * k + 2]:
+                failed = failed or self._wait(r, write=False)
+            first = first or failed
+            if failed is not None:
+                results.append(failed)
+                continue
             error = self._verify(slot_id, gen, bytes(iov[2 * k][:_HEADER.size + 4]),
                                  area[:len(into)])
             if error is None and bounced:
                 into[:] = area[:len(into)]
             results.append(error)
         self._account(len(items), time.perf_counter() - t0, write=False)
+        if first is not None:
+            raise first
         return results
 
     def sync(self) -> None:
@@ -279,34 +303,39 @@ class SlotStore:
                 self.bytes_read += n * self.payload_bytes
                 self.read_seconds += seconds
 
-    def _transfer(self, items, iov: list[memoryview], priority: Priority, *, write: bool) -> None:
-        """Submit every slot's header and payload area in one scheduler batch (consecutive
-        slots merge), wait for all, and raise the first failure as a SwapError."""
+    def _group(self) -> int:
+        """Slots per scheduler request (header + payload of consecutive slots merge)."""
+        assert self.scheduler is not None, "SlotStore used after close()"
+        return max(1, self.scheduler.profile.request_bytes // self.stride)
+
+    def _submit(self, items, iov: list[memoryview], which: range, priority: Priority, *,
+                write: bool) -> list:
+        """Submit the header and payload area of items[k] for k in `which` in one scheduler
+        batch (consecutive slots merge); returns the requests, two per slot."""
         sched = self.scheduler
         assert sched is not None, "SlotStore used after close()"
         submit = sched.submit_write if write else sched.submit_read
         reqs = []
         with sched.batch():
-            for k, (slot_id, _gen, _view) in enumerate(items):
-                base = SUPER_BYTES + slot_id * self.stride
+            for k in which:
+                base = SUPER_BYTES + items[k][0] * self.stride
                 reqs.append(submit(self._fd, base, iov[2 * k], priority=priority))
                 reqs.append(submit(self._fd, base + HEADER_BYTES, iov[2 * k + 1],
                                    priority=priority))
-        first: SwapError | None = None
+        return reqs
+
+    def _wait(self, req, *, write: bool) -> SwapError | None:
+        """Wait for one request; its failure as a SwapError (None when it succeeded)."""
         what = "writing" if write else "reading"
-        for r in reqs:
-            try:
-                sched.wait(r, promote=False)
-            except (IOReadError, IOWriteError) as exc:
-                if first is None:
-                    if exc.errno is None:
-                        first = SwapIOError(f"{what} swap file {self.path} at {r.offset}: short"
-                                            " transfer (file truncated?); delete it to reformat")
-                    else:
-                        first = from_os_error(OSError(exc.errno, os.strerror(exc.errno)),
-                                              f"{what} swap file {self.path} at offset {r.offset}")
-        if first is not None:
-            raise first
+        try:
+            self.scheduler.wait(req, promote=False)
+            return None
+        except (IOReadError, IOWriteError) as exc:
+            if exc.errno is None:
+                return SwapIOError(f"{what} swap file {self.path} at {req.offset}: short"
+                                   " transfer (file truncated?); delete it to reformat")
+            return from_os_error(OSError(exc.errno, os.strerror(exc.errno)),
+                                 f"{what} swap file {self.path} at offset {req.offset}")
 
     def _scratch_view(self, what: str, nbytes: int) -> memoryview:
         """This thread's scratch buffer `what` ("headers" or "bounce") of at least `nbytes`,
