@@ -18,11 +18,13 @@ weight pool needs: the forward waits on WEIGHT_READ), cancellation, more than on
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from iosched.aligned_buffer import ALIGN, address_of
@@ -141,6 +143,14 @@ class IOScheduler:
                 self._queue.push(p)
             self._cond.notify_all()
         return req
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Submissions made inside are queued together: the backend takes none of them until
+        the block exits, so consecutive ranges merge however fast the backend is. Keep the
+        block short (it holds the scheduler's lock; other threads' submits wait for it)."""
+        with self._lock:
+            yield
 
     # -- waiting ---------------------------------------------------------------------------
     def wait(self, request: IORequest, *, promote: bool = True,

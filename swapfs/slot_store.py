@@ -12,17 +12,18 @@ A read verifies magic, layout, slot id, the generation the caller expects, the l
 both checksums before a payload counts as data, so a torn write, a slot overwritten since
 its metadata was committed, or bit rot raises `SlotCorruptError` instead of being served.
 
-Requests: a batch is sorted by slot and cut into runs of consecutive slots, each issued as
-one preadv/pwritev from `io_threads` threads (the GIL is released during I/O and checksums); a
-run is sized to spread the batch over the threads, within [min_request, max_request] bytes
-(1 MiB and 4 MiB: below 1 MiB per-request overhead shows, above it a batch gets too few
-requests to keep threads and the device's queue busy). Payload views that are 4 KiB
-aligned in address and length go to the kernel as they are (zero copy); others bounce
-through a per-thread huge-page scratch buffer. Slot headers live in a per-thread scratch.
+Requests go through an iosched.IOScheduler (passed in, or one of `io_threads` in flight and
+`max_request`-byte transfers made and owned by the store; $KVMM_IOSCHED_BACKEND picks its
+backend, default "auto"): a batch submits each slot's header
+and payload as two requests inside `IOScheduler.batch()`, so the scheduler merges consecutive
+slots into vectored syscalls of up to its request size, then waits for all of them. Reads go
+at Priority.KV_SWAP_IN and writes at KV_WRITE_BACK unless the caller says otherwise. Payload
+views that are 4 KiB aligned in address and length go to the kernel as they are (zero copy);
+others bounce through a per-thread huge-page scratch buffer. Slot headers live in a
+per-thread scratch.
 Durability is the caller's: `sync()` is fdatasync, to be called before committing metadata.
 
 Prior art: Linux swap's slot map, vLLM's CPU swap space, s3ql's block cache. Left out:
-io_uring (needs a binding; vectored preadv from threads reaches the device's rate here),
 compression, more than one file.
 """
 from __future__ import annotations
@@ -35,10 +36,10 @@ import threading
 import time
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
-from swapfs import checksum
+from iosched import DeviceProfile, IOReadError, IOScheduler, IOWriteError, Priority
 from iosched.aligned_buffer import ALIGN, AlignedBuffer, is_direct_io_capable, round_up
+from swapfs import checksum
 from swapfs.errors import (SlotCorruptError, SwapBusyError, SwapError, SwapIOError,
                            SwapNoSpaceError, from_os_error)
 
@@ -50,6 +51,7 @@ _SUPER_MAGIC = b"KVMMSWP1"
 _HEADER = struct.Struct("<8sQIQIQ")  # magic, layout_id, slot_id, generation, length, checksum
 _HEADER_MAGIC = b"KVMMSLOT"
 _CRC = struct.Struct("<I")
+_LOCK_GRACE_S = 2.0
 
 
 def slot_stride(payload_bytes: int) -> int:
@@ -68,14 +70,16 @@ class SlotStore:
       direct_io: the file is open with O_DIRECT (False only where the file system refuses it).
       reinitialized: the superblock did not match this geometry at open, so the file was
         formatted anew and no slot content from before may be trusted.
-      min_chunk / max_chunk: bounds, in slots, of one preadv/pwritev request.
+      scheduler: the IOScheduler every slot read/write goes through; _own_scheduler: made
+        by this store (closed with it) rather than passed in.
       bytes_read / bytes_written / read_seconds / write_seconds: cumulative, under `_lock`.
       _scratch: every per-thread scratch buffer made (headers, bounce), closed with the store.
     """
 
     def __init__(self, path: str, payload_bytes: int, num_slots: int, layout_id: int, *,
-                 io_threads: int = 8, min_request: int = 1 << 20,
-                 max_request: int = 4 << 20, checksum_name: str | None = None) -> None:
+                 io_threads: int = 8,
+                 max_request: int = 4 << 20, checksum_name: str | None = None,
+                 scheduler: IOScheduler | None = None) -> None:
         assert payload_bytes > 0 and num_slots > 0
         self.path = path
         self.payload_bytes = payload_bytes
@@ -84,8 +88,6 @@ class SlotStore:
         self.checksum_name = checksum_name
         self.stride = slot_stride(payload_bytes)
         self.io_threads = io_threads
-        self.min_chunk = max(1, -(-min_request // self.stride))
-        self.max_chunk = max(self.min_chunk, max_request // self.stride)
         self.file_bytes = SUPER_BYTES + num_slots * self.stride
         self.bytes_read = self.bytes_written = 0
         self.read_seconds = self.write_seconds = 0.0
@@ -94,7 +96,8 @@ class SlotStore:
         self._scratch: list[AlignedBuffer] = []
         self.reinitialized = False
         self._fd = -1
-        self._pool: ThreadPoolExecutor | None = None
+        self._own_scheduler = scheduler is None
+        self.scheduler: IOScheduler | None = scheduler
         try:
             self._open()
         except OSError as exc:
@@ -103,7 +106,10 @@ class SlotStore:
         except SwapError:
             self.close()
             raise
-        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="swapfs-io")
+        if self.scheduler is None:
+            prof = DeviceProfile(queue_depth=io_threads, request_bytes=round_up(max_request, ALIGN),
+                                 read_bandwidth=0.0, measured_on="swapfs default")
+            self.scheduler = IOScheduler(profile=prof, name="swapfs", backend=os.environ.get("KVMM_IOSCHED_BACKEND", "auto"))
 
     # -- opening and formatting ----------------------------------------------------------
 
@@ -117,9 +123,17 @@ class SlotStore:
                 raise
             self._fd = os.open(self.path, flags, 0o600)  # e.g. an old tmpfs
             self.direct_io = False
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # A killed predecessor's io_uring is torn down asynchronously by the kernel and holds
+        # the file (and so its lock) until its last request is reaped: give it a moment.
+        deadline = time.monotonic() + _LOCK_GRACE_S
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
             raise SwapBusyError(f"swap file {self.path} is in use by another process; stop it or"
                                 " give this one another --swap-dir") from None
         with AlignedBuffer(SUPER_BYTES, huge_pages=False) as sb:
@@ -173,9 +187,10 @@ class SlotStore:
             os.close(fd)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if self.scheduler is not None:
+            if self._own_scheduler:
+                self.scheduler.close()
+            self.scheduler = None
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             try:
@@ -188,24 +203,77 @@ class SlotStore:
 
     # -- batched I/O --------------------------------------------------------------------
 
-    def write(self, items: Sequence[tuple[int, int, memoryview]]) -> list[int]:
+    def write(self, items: Sequence[tuple[int, int, memoryview]], *,
+              priority: Priority = Priority.KV_WRITE_BACK) -> list[int]:
         """Write (slot_id, generation, payload) items; returns each payload's checksum in the
-        order given. Not durable until `sync()`. Raises SwapNoSpaceError / SwapIOError."""
+        order given. Not durable until `sync()`. Raises SwapNoSpaceError / SwapIOError.
+        Checksums are computed a request's worth of slots at a time, each group submitted as
+        soon as its headers are ready, so hashing overlaps the device's work."""
         for slot_id, _gen, payload in items:
             self._check(slot_id, payload)
-        crcs: dict[int, int] = {}
-        self._run(items, self._write_chunk, crcs, write=True)
-        return [crcs[slot_id] for slot_id, _g, _p in items]
+        if not items:
+            return []
+        self._unique(items)
+        t0 = time.perf_counter()
+        iov, areas = self._iovecs(items)
+        crcs = []
+        reqs: list = []
+        group = self._group()
+        for start in range(0, len(items), group):
+            for k in range(start, min(start + group, len(items))):
+                (slot_id, gen, payload), (area, bounced) = items[k], areas[k]
+                if bounced:
+                    area[:len(payload)] = payload
+                    area[len(payload):] = bytes(len(area) - len(payload))
+                crc = self._checksum(payload)
+                head = _HEADER.pack(_HEADER_MAGIC, self.layout_id, slot_id, gen, len(payload), crc)
+                hdr = iov[2 * k]
+                hdr[:_HEADER.size] = head
+                hdr[_HEADER.size:_HEADER.size + 4] = _CRC.pack(zlib.crc32(head))
+                crcs.append(crc)
+            reqs += self._submit(items, iov, range(start, min(start + group, len(items))),
+                                 priority, write=True)
+        first = None
+        for r in reqs:
+            first = first or self._wait(r, write=True)
+        self._account(len(items), time.perf_counter() - t0, write=True)
+        if first is not None:
+            raise first
+        return crcs
 
-    def read(self, items: Sequence[tuple[int, int, memoryview]]) -> list[SwapError | None]:
+    def read(self, items: Sequence[tuple[int, int, memoryview]], *,
+             priority: Priority = Priority.KV_SWAP_IN) -> list[SwapError | None]:
         """Read (slot_id, expected generation, destination) items; returns per item None
         (destination holds the verified payload) or the SwapError that hit it (destination
-        content undefined)."""
+        content undefined). Every slot is submitted at once; each is verified as soon as it
+        has arrived, while the rest are still being read."""
         for slot_id, _gen, into in items:
             self._check(slot_id, into)
-        results: dict[int, SwapError | None] = {}
-        self._run(items, self._read_chunk, results, write=False)
-        return [results[slot_id] for slot_id, _g, _p in items]
+        if not items:
+            return []
+        self._unique(items)
+        t0 = time.perf_counter()
+        iov, areas = self._iovecs(items)
+        reqs = self._submit(items, iov, range(len(items)), priority, write=False)
+        results: list[SwapError | None] = []
+        first = None
+        for k, ((slot_id, gen, into), (area, bounced)) in enumerate(zip(items, areas)):
+            failed = None
+            for r in reqs[2 * k:2 * k + 2]:
+                failed = failed or self._wait(r, write=False)
+            first = first or failed
+            if failed is not None:
+                results.append(failed)
+                continue
+            error = self._verify(slot_id, gen, bytes(iov[2 * k][:_HEADER.size + 4]),
+                                 area[:len(into)])
+            if error is None and bounced:
+                into[:] = area[:len(into)]
+            results.append(error)
+        self._account(len(items), time.perf_counter() - t0, write=False)
+        if first is not None:
+            raise first
+        return results
 
     def sync(self) -> None:
         """fdatasync the slot file: every write returned so far is on stable storage."""
@@ -221,48 +289,59 @@ class SlotStore:
             raise ValueError(f"KV block buffer of {len(view)} bytes, this swap space stores"
                              f" blocks of {self.payload_bytes} bytes")
 
-    def _run(self, items, fn, out: dict, *, write: bool) -> None:
-        if not items:
-            return
+    @staticmethod
+    def _unique(items) -> None:
         if len({slot_id for slot_id, _g, _v in items}) != len(items):
             raise ValueError("a batch names the same slot twice")
-        per_thread = -(-len(items) // self.io_threads)
-        chunk = min(self.max_chunk, max(self.min_chunk, per_thread))
-        chunks = self._chunks(sorted(items, key=lambda it: it[0]), chunk)
-        assert self._pool is not None, "SlotStore used after close()"
-        t0 = time.perf_counter()
-        errors = []
-        for result in self._pool.map(lambda c: _catch(fn, c), chunks):
-            if isinstance(result, BaseException):
-                errors.append(result)
-            else:
-                out.update(result)
-        elapsed = time.perf_counter() - t0
-        nbytes = len(items) * self.payload_bytes
+
+    def _account(self, n: int, seconds: float, *, write: bool) -> None:
         with self._lock:
             if write:
-                self.bytes_written += nbytes
-                self.write_seconds += elapsed
+                self.bytes_written += n * self.payload_bytes
+                self.write_seconds += seconds
             else:
-                self.bytes_read += nbytes
-                self.read_seconds += elapsed
-        if errors:
-            raise errors[0]
+                self.bytes_read += n * self.payload_bytes
+                self.read_seconds += seconds
 
-    def _chunks(self, items, chunk: int):
-        chunks, run = [], []
-        for item in items:
-            if run and (item[0] != run[-1][0] + 1 or len(run) == chunk):
-                chunks.append(run)
-                run = []
-            run.append(item)
-        chunks.append(run)
-        return chunks
+    def _group(self) -> int:
+        """Slots per scheduler request (header + payload of consecutive slots merge)."""
+        assert self.scheduler is not None, "SlotStore used after close()"
+        return max(1, self.scheduler.profile.request_bytes // self.stride)
+
+    def _submit(self, items, iov: list[memoryview], which: range, priority: Priority, *,
+                write: bool) -> list:
+        """Submit the header and payload area of items[k] for k in `which` in one scheduler
+        batch (consecutive slots merge); returns the requests, two per slot."""
+        sched = self.scheduler
+        assert sched is not None, "SlotStore used after close()"
+        submit = sched.submit_write if write else sched.submit_read
+        reqs = []
+        with sched.batch():
+            for k in which:
+                base = SUPER_BYTES + items[k][0] * self.stride
+                reqs.append(submit(self._fd, base, iov[2 * k], priority=priority))
+                reqs.append(submit(self._fd, base + HEADER_BYTES, iov[2 * k + 1],
+                                   priority=priority))
+        return reqs
+
+    def _wait(self, req, *, write: bool) -> SwapError | None:
+        """Wait for one request; its failure as a SwapError (None when it succeeded)."""
+        what = "writing" if write else "reading"
+        try:
+            self.scheduler.wait(req, promote=False)
+            return None
+        except (IOReadError, IOWriteError) as exc:
+            if exc.errno is None:
+                return SwapIOError(f"{what} swap file {self.path} at {req.offset}: short"
+                                   " transfer (file truncated?); delete it to reformat")
+            return from_os_error(OSError(exc.errno, os.strerror(exc.errno)),
+                                 f"{what} swap file {self.path} at offset {req.offset}")
 
     def _scratch_view(self, what: str, nbytes: int) -> memoryview:
-        """This thread's scratch buffer `what` ("headers" or "bounce"), made on first use."""
+        """This thread's scratch buffer `what` ("headers" or "bounce") of at least `nbytes`,
+        made (or grown) on use."""
         view = getattr(self._local, what, None)
-        if view is None:
+        if view is None or len(view) < nbytes:
             buf = AlignedBuffer(nbytes, huge_pages=what == "bounce")
             with self._lock:
                 self._scratch.append(buf)
@@ -270,51 +349,25 @@ class SlotStore:
             setattr(self._local, what, view)
         return view
 
-    def _iovecs(self, run):
+    def _iovecs(self, items):
         """Per slot: its header page and payload area (the caller's view when aligned, else
         a padded bounce area). Returns (iovecs, [(payload area, bounced?)])."""
         iov, areas = [], []
         padded = self.stride - HEADER_BYTES
-        headers = self._scratch_view("headers", self.max_chunk * HEADER_BYTES)
-        for k, (_slot, _gen, view) in enumerate(run):
+        headers = self._scratch_view("headers", len(items) * HEADER_BYTES)
+        bounce = None
+        for k, (_slot, _gen, view) in enumerate(items):
             iov.append(headers[k * HEADER_BYTES:(k + 1) * HEADER_BYTES])
             if is_direct_io_capable(view) and len(view) == padded:
                 iov.append(view)
                 areas.append((view, False))
             else:
-                bounce = self._scratch_view("bounce", self.max_chunk * padded)
+                if bounce is None:
+                    bounce = self._scratch_view("bounce", len(items) * padded)
                 area = bounce[k * padded:(k + 1) * padded]
                 iov.append(area)
                 areas.append((area, True))
         return iov, areas
-
-    def _write_chunk(self, run) -> dict[int, int]:
-        iov, areas = self._iovecs(run)
-        crcs = {}
-        for k, ((slot_id, gen, payload), (area, bounced)) in enumerate(zip(run, areas)):
-            if bounced:
-                area[:len(payload)] = payload
-                area[len(payload):] = bytes(len(area) - len(payload))
-            crc = self._checksum(payload)
-            head = _HEADER.pack(_HEADER_MAGIC, self.layout_id, slot_id, gen, len(payload), crc)
-            hdr = iov[2 * k]
-            hdr[:_HEADER.size] = head
-            hdr[_HEADER.size:_HEADER.size + 4] = _CRC.pack(zlib.crc32(head))
-            crcs[slot_id] = crc
-        self._io(os.pwritev, iov, run[0][0], "writing")
-        return crcs
-
-    def _read_chunk(self, run) -> dict[int, SwapError | None]:
-        iov, areas = self._iovecs(run)
-        self._io(os.preadv, iov, run[0][0], "reading")
-        results: dict[int, SwapError | None] = {}
-        for k, ((slot_id, gen, into), (area, bounced)) in enumerate(zip(run, areas)):
-            error = self._verify(slot_id, gen, bytes(iov[2 * k][:_HEADER.size + 4]),
-                                 area[:len(into)])
-            if error is None and bounced:
-                into[:] = area[:len(into)]
-            results[slot_id] = error
-        return results
 
     def _verify(self, slot_id: int, gen: int, header: bytes, payload: memoryview):
         magic, layout_id, got_slot, got_gen, length, crc = _HEADER.unpack_from(header)
@@ -347,24 +400,3 @@ class SlotStore:
                 done += n
         except OSError as exc:
             raise from_os_error(exc, f"{what} swap file {self.path} at offset {offset}") from exc
-
-
-def _skip(iov: list[memoryview], nbytes: int) -> list[memoryview]:
-    """The iovec list without its first `nbytes` (after a short transfer)."""
-    if nbytes == 0:
-        return iov
-    out = []
-    for view in iov:
-        if nbytes >= len(view):
-            nbytes -= len(view)
-            continue
-        out.append(view[nbytes:])
-        nbytes = 0
-    return out
-
-
-def _catch(fn, arg):
-    try:
-        return fn(arg)
-    except SwapError as exc:
-        return exc

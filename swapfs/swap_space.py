@@ -39,6 +39,7 @@ from swapfs.metadata import Metadata
 from swapfs.records import Snapshot, SlotRef, SwapHandle, SwapStats
 from swapfs.prefix_tier import PrefixMethods
 from swapfs.sessions import SessionMethods
+from iosched import IOScheduler
 from swapfs.slot_store import SUPER_BYTES, SlotStore, slot_stride
 
 log = logging.getLogger("kvmm.swapfs")
@@ -75,7 +76,8 @@ class SwapSpace(PrefixMethods, SessionMethods):
     """
 
     def __init__(self, swap_dir: str, swap_size: int, layout: KVLayout, *, io_threads: int = 8,
-                 calibrate: bool = True, checksum: str | None = None) -> None:
+                 calibrate: bool = True, checksum: str | None = None,
+                 scheduler: IOScheduler | None = None) -> None:
         stride = slot_stride(layout.block_bytes)
         num_slots = (swap_size - SUPER_BYTES) // stride
         if num_slots < 1:
@@ -90,7 +92,7 @@ class SwapSpace(PrefixMethods, SessionMethods):
         self._session_lock = threading.Lock()
         self._store = SlotStore(os.path.join(swap_dir, SLOT_FILE), layout.block_bytes, num_slots,
                                 layout.layout_id, io_threads=io_threads,
-                                checksum_name=checksum)
+                                checksum_name=checksum, scheduler=scheduler)
         self.checksum_name = self._store.checksum_name
         try:
             self._meta = Metadata(os.path.join(swap_dir, META_FILE))
@@ -316,7 +318,20 @@ class SwapSpace(PrefixMethods, SessionMethods):
 
     # -- statistics -------------------------------------------------------------------------------
 
+    def _bandwidth(self) -> dict[str, float]:
+        """Device bandwidth: the I/O scheduler's busy-time figures once it has measured any
+        (they exclude queueing and checksum time), else the per-batch averages."""
+        bw = dict(self._bw)
+        sched = self._store.scheduler
+        if sched is not None:
+            st = sched.statistics()
+            for op, v in (("read", st.read_bandwidth), ("write", st.write_bandwidth)):
+                if v > 0:
+                    bw[op] = v
+        return bw
+
     def statistics(self) -> SwapStats:
+        bw = self._bandwidth()
         with self._lock:
             kinds = Counter(s.kind for s in self._owner.values())
             return SwapStats(
@@ -327,7 +342,7 @@ class SwapSpace(PrefixMethods, SessionMethods):
                 swap_slots=kinds["swap"], prefix_slots=kinds["prefix"],
                 session_slots=kinds["session"], sessions=len(self._sessions),
                 bytes_written=self._store.bytes_written, bytes_read=self._store.bytes_read,
-                write_bandwidth=self._bw["write"], read_bandwidth=self._bw["read"],
+                write_bandwidth=bw["write"], read_bandwidth=bw["read"],
                 commit_seconds=self._commit_s, swap_outs=self._counts["swap_outs"],
                 swap_ins=self._counts["swap_ins"], prefix_hits=self._counts["prefix_hits"],
                 prefix_misses=self._counts["prefix_misses"],
