@@ -24,6 +24,12 @@ def _wait_until(cond, what, timeout=10.0):
         time.sleep(0.001)
 
 
+def _queue_low(s, fd, buf, n=16):
+    """n KV_WRITE_BACK reads of 64 KiB at 128 KiB strides (non-adjacent: nothing merges)."""
+    return [s.submit_read(fd, i * 128 * KiB, buf.view[i * 128 * KiB:i * 128 * KiB + 64 * KiB],
+                          priority=Priority.KV_WRITE_BACK) for i in range(n)]
+
+
 def test_read_write_round_trip(backend, data, buf):
     path, content, fd = data
     with make(backend) as s:
@@ -81,9 +87,7 @@ def test_strict_priority_order(backend, data, buf):
     _, _, fd = data
     with make(backend, qd=1) as s:
         s._pause(True)
-        # non-adjacent ranges so nothing merges
-        low = [s.submit_read(fd, i * 128 * KiB, buf.view[i * 128 * KiB:i * 128 * KiB + 64 * KiB],
-                             priority=Priority.KV_WRITE_BACK) for i in range(16)]
+        low = _queue_low(s, fd, buf)
         mid = s.submit_read(fd, 7 * MiB, buf.view[7 * MiB:7 * MiB + 64 * KiB],
                             priority=Priority.WEIGHT_PREFETCH)
         high = s.submit_read(fd, 6 * MiB, buf.view[6 * MiB:6 * MiB + 64 * KiB],
@@ -115,8 +119,7 @@ def test_wait_promotes_a_queued_request(backend, data, buf):
     _, _, fd = data
     with make(backend, qd=1) as s:
         s._pause(True)
-        low = [s.submit_read(fd, i * 128 * KiB, buf.view[i * 128 * KiB:i * 128 * KiB + 64 * KiB],
-                             priority=Priority.KV_WRITE_BACK) for i in range(16)]
+        low = _queue_low(s, fd, buf)
         target = s.submit_read(fd, 6 * MiB, buf.view[6 * MiB:6 * MiB + 64 * KiB],
                                priority=Priority.KV_WRITE_BACK)
         import threading
