@@ -40,8 +40,9 @@ log = logging.getLogger("kvmm.engine")
 
 class Engine:
     def __init__(self, cfg: EngineConfig, model_file, runner: ModelRunner, kv: KVCacheManager,
-                 swap=None) -> None:
+                 swap=None, io=None) -> None:
         self.cfg = cfg
+        self.io = io                     # the iosched.IOScheduler weights and swapfs share (owned)
         self.model_file = model_file
         self.spec = model_file.spec
         self.tokenizer = model_file.tokenizer
@@ -66,18 +67,27 @@ class Engine:
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> Engine:
-        from kvmm_daemon.engine.loader import build_engine_parts, open_swap
-        model_file, runner, kv = build_engine_parts(cfg)
-        swap = open_swap(cfg, model_file.spec, runner.kv_cache) if cfg.swap_dir else None
-        return cls(cfg, model_file, runner, kv, swap)
+        from kvmm_daemon.engine.loader import build_engine_parts, open_io_scheduler, open_swap
+        io = open_io_scheduler(cfg) if cfg.weight_budget is not None or cfg.swap_dir else None
+        try:
+            model_file, runner, kv = build_engine_parts(cfg, io)
+            swap = open_swap(cfg, model_file.spec, runner.kv_cache, io) if cfg.swap_dir else None
+        except BaseException:
+            if io is not None:
+                io.close()
+            raise
+        return cls(cfg, model_file, runner, kv, swap, io)
 
     def close(self) -> None:
-        """Release the flash tier (flushes staged prefix blocks, closes the store) and the
-        weight pool (its file and I/O threads)."""
+        """Release the flash tier (flushes staged prefix blocks, closes the store), the weight
+        pool (its file) and then the I/O scheduler both used. Idempotent."""
         self.runner.model.weights.close()
         if self.tier is not None:
             self.tier.close()
             self.tier = self.scheduler.tier = self.sessions.tier = None
+        if self.io is not None:
+            self.io.close()
+            self.io = None
 
     # --- thread-safe API ------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from kvmm_daemon.model.weight_pool import ResidentWeightPool
 log = logging.getLogger("kvmm.engine")
 
 
-def build_engine_parts(cfg: EngineConfig):
+def build_engine_parts(cfg: EngineConfig, io=None):
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     model_path = cfg.model if cfg.model is not None else default_model_path()
@@ -26,7 +26,7 @@ def build_engine_parts(cfg: EngineConfig):
     spec = model_file.spec
     max_model_len = min(cfg.max_model_len, spec.context_length)
     cfg.max_model_len = max_model_len
-    weights = open_weight_pool(cfg, model_file, model_path)
+    weights = open_weight_pool(cfg, model_file, model_path, io)
     model = LlamaModel(spec, weights, max_positions=max_model_len)
     kv_cache = KVCache.from_budget(cfg.kv_budget, max_model_len=max_model_len, num_layers=spec.num_layers,
                                    block_size=cfg.block_size, num_kv_heads=spec.num_kv_heads,
@@ -36,8 +36,9 @@ def build_engine_parts(cfg: EngineConfig):
 
 
 def open_io_scheduler(cfg: EngineConfig):
-    """The engine's one I/O scheduler (weights and swapfs), its device profile kept in the
-    state directory (measured once, on first use)."""
+    """The engine's one I/O scheduler (weights and swapfs share it, so its priorities order
+    weight reads before swap-ins before prefetches before write-backs); its device profile is
+    kept in the state directory (measured once, on first use)."""
     from iosched.device_profile import DeviceProfile
     from iosched.scheduler import IOScheduler
     from kvmm_daemon.model.weight_store import state_dir
@@ -54,23 +55,20 @@ def open_io_scheduler(cfg: EngineConfig):
     return IOScheduler(profile=profile, name="kvmm-io")
 
 
-def open_weight_pool(cfg: EngineConfig, model_file, model_path):
-    """All weights resident (no budget), or a streaming pool under cfg.weight_budget."""
+def open_weight_pool(cfg: EngineConfig, model_file, model_path, io=None):
+    """All weights resident (no budget), or a streaming pool under cfg.weight_budget reading
+    through `io` (required then)."""
     if cfg.weight_budget is None:
         return ResidentWeightPool(model_file, model_file.spec, linear_mode=cfg.linear_mode)
     from kvmm_daemon.model.weight_store import open_streaming_pool
 
-    io = open_io_scheduler(cfg)
-    try:
-        return open_streaming_pool(model_file, model_path, model_file.spec, io,
-                                   budget_bytes=cfg.weight_budget, configured_state=cfg.state_dir,
-                                   linear_mode=cfg.linear_mode, window=cfg.weight_window)
-    except BaseException:
-        io.close()
-        raise
+    assert io is not None, "a weight budget streams through an I/O scheduler"
+    return open_streaming_pool(model_file, model_path, model_file.spec, io,
+                               budget_bytes=cfg.weight_budget, configured_state=cfg.state_dir,
+                               linear_mode=cfg.linear_mode, window=cfg.weight_window)
 
 
-def open_swap(cfg: EngineConfig, spec, kv_cache: KVCache):
+def open_swap(cfg: EngineConfig, spec, kv_cache: KVCache, io=None):
     """The swapfs store for this model's KV layout under cfg.swap_dir."""
     from swapfs.layout import KVLayout
     from swapfs.swap_space import SwapSpace
@@ -78,4 +76,4 @@ def open_swap(cfg: EngineConfig, spec, kv_cache: KVCache):
     layout = KVLayout(model_id=spec.model_id, num_layers=spec.num_layers, block_size=kv_cache.block_size,
                       num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                       dtype=str(kv_cache.dtype).removeprefix("torch."))
-    return SwapSpace(cfg.swap_dir, cfg.swap_size, layout)
+    return SwapSpace(cfg.swap_dir, cfg.swap_size, layout, scheduler=io)

@@ -238,14 +238,14 @@ class StreamingWeightPool:
             bytes_read=read, stall_s=stall, last_step=dict(self._last_step), per_segment=per)
 
     def close(self) -> None:
-        """Idempotent: drains the window, closes the file and the I/O scheduler (owned)."""
+        """Idempotent: drains the window and closes the file (the I/O scheduler is the
+        engine's)."""
         if self.fd is None:
             return
         if self.window is not None:
             self.window.close()
         os.close(self.fd)
         self.fd = None
-        self.io.close()
 
 
 def _wait_quietly(io, request) -> None:
