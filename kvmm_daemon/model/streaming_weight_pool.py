@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
 import torch
 import xxhash
@@ -23,6 +22,7 @@ from iosched.errors import IOSchedError
 from kvmm_daemon.errors import ConfigError, WeightFileError, WeightReadError
 from kvmm_daemon.model import quant_linear as ql
 from kvmm_daemon.model.spec import ModelSpec
+from kvmm_daemon.model.step_trace import StepTrace
 from kvmm_daemon.model.weight_file import SegmentRecord, WeightFile
 from kvmm_daemon.model.weight_plan import WeightPlan
 from kvmm_daemon.model.weight_pool import WeightPoolStats
@@ -94,9 +94,7 @@ class StreamingWeightPool:
                        if self.plan.streamed else None)
         self._steps = 0
         self._embed_bytes = 0
-        self._step_t0: float | None = None
-        self._step_mark = (0, 0.0)
-        self._last_step: dict = {}
+        self.trace = StepTrace(len(records))
         log.info("weight pool: %s budget, %d of %d segments pinned (%s), %d streamed through %d slots "
                  "(%s read per step)", format_size(budget_bytes), len(self.plan.resident), len(records),
                  format_size(self.plan.resident_bytes), len(self.plan.streamed), self.plan.window,
@@ -126,10 +124,12 @@ class StreamingWeightPool:
     # --- the forward's surface ---------------------------------------------------------------
 
     def _segment(self, idx: int) -> Segment:
+        t = self.trace.asked()
         seg = self.pinned.get(idx)
-        if seg is not None:
-            return seg
-        return self.window.get(self._pos_of[idx])
+        if seg is None:
+            seg = self.window.get(self._pos_of[idx])
+        self.trace.got(idx, t)
+        return seg
 
     def layer(self, i: int) -> LayerWeights:
         return self._segment(i)
@@ -216,12 +216,7 @@ class StreamingWeightPool:
         return self.window.read_bytes + self._embed_bytes, sum(self.window.stall_s)
 
     def _begin_step(self) -> None:
-        now = time.perf_counter()
-        read, stall = self._totals()
-        if self._step_t0 is not None:
-            self._last_step = {"bytes_read": read - self._step_mark[0],
-                               "stall_s": stall - self._step_mark[1], "step_s": now - self._step_t0}
-        self._step_t0, self._step_mark = now, (read, stall)
+        self.trace.begin_step(self._totals()[0])
         self._steps += 1
 
     def statistics(self) -> WeightPoolStats:
@@ -230,12 +225,16 @@ class StreamingWeightPool:
         per = [{"name": r.name, "resident": i in self.pinned, "bytes": r.nbytes,
                 "stall_s": round(stalls[self._pos_of[i]], 6) if i in self._pos_of else 0.0}
                for i, r in enumerate(self.wf.segments)]
+        last = self.trace.last()
+        last_step = ({"bytes_read": last.bytes_read, "stall_s": round(sum(last.stall_s), 6),
+                      "compute_s": round(sum(last.compute_s), 6), "step_s": round(last.step_s, 6)}
+                     if last is not None else {})
         return WeightPoolStats(
             self.budget_bytes, self.arena.nbytes, self.wf.model_bytes, self.linear_mode,
             self.spec.num_layers, streaming=True, window=self.plan.window,
             pinned_bytes=self.plan.resident_bytes, streamed_bytes_per_step=self.plan.streamed_bytes,
             locked=self.lock_error is None, lock_error=self.lock_error, steps=self._steps,
-            bytes_read=read, stall_s=stall, last_step=dict(self._last_step), per_segment=per)
+            bytes_read=read, stall_s=stall, last_step=last_step, per_segment=per)
 
     def close(self) -> None:
         """Idempotent: drains the window and closes the file (the I/O scheduler is the

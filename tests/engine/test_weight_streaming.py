@@ -132,3 +132,18 @@ def test_a_failed_weight_read_fails_that_step_only(make_engine, q4_model, reside
         assert greedy(engine, PROMPT, n=16) == resident      # the next step reads again
         assert_no_leaks(engine)
         engine.close()
+
+
+def test_step_trace_splits_each_step_into_compute_and_stall(make_engine, q4_model, state_dir):
+    engine = make_engine(model=q4_model, weight_budget=300_000, state_dir=state_dir)
+    greedy(engine, PROMPT, n=6)
+    pool = engine.runner.model.weights
+    steps = list(pool.trace.steps)
+    assert len(steps) >= 5
+    n = len(pool.wf.segments)
+    for rec in steps[1:]:
+        assert len(rec.stall_s) == len(rec.compute_s) == n
+        assert all(c > 0 for c in rec.compute_s)                  # every segment computed on
+        assert all(rec.stall_s[i] == 0 for i in pool.pinned)      # pinned ones never wait
+        assert sum(rec.stall_s) + sum(rec.compute_s) <= rec.step_s
+    engine.close()
