@@ -17,11 +17,23 @@ class LlamaCpp:
         import llama_cpp as lc
         self.lc = lc
         lc.llama_backend_init()
-        self.model = lc.llama_model_load_from_file(model_path.encode(), lc.llama_model_default_params())
+        mp = lc.llama_model_default_params()
+        # Extra buffer types repack the weights into anonymous memory (AMX, AVX512 interleaved
+        # layouts): the weights would no longer be the mmap'd file pages llama.cpp is known
+        # for, and this build's AMX path crashes on Q4_1 here. Plain CPU buffers over the map.
+        if hasattr(mp, "use_extra_bufts"):
+            mp.use_extra_bufts = False
+        if hasattr(mp, "load_mode"):                 # newer llama.cpp: an explicit load mode
+            mp.load_mode = lc.LLAMA_LOAD_MODE_MMAP
+        else:
+            mp.use_mmap = True
+        self.settings = {"load": "mmap", "use_extra_bufts": getattr(mp, "use_extra_bufts", None),
+                         "llama_cpp_python": getattr(lc, "__version__", None)}
+        self.model = lc.llama_model_load_from_file(model_path.encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {model_path}")
         cp = lc.llama_context_default_params()
-        cp.n_ctx = max(2048, n_ctx_per_seq * max_seqs)
+        cp.n_ctx = self.n_ctx = -(-max(256, n_ctx_per_seq * max_seqs) // 256) * 256   # sized to the run
         cp.n_batch = cp.n_ubatch = 512
         cp.n_seq_max = max_seqs
         cp.n_threads = cp.n_threads_batch = threads
@@ -65,13 +77,20 @@ class LlamaCpp:
             self._decode([(t, start + j, 0, start + j == len(ids) - 1) for j, t in enumerate(chunk)])
         return len(ids) / (time.perf_counter() - t0)
 
-    def decode_tokens_per_s(self, prompts: list[list[int]], steps: int) -> float:
+    def decode_tokens_per_s(self, prompts: list[list[int]], steps: int,
+                            max_seconds: float | None = None) -> float:
+        """Aggregate greedy decode tokens/s over `steps` steps after prefilling `prompts`
+        (fewer steps when `max_seconds` runs out first, at least one); `last_steps` says how
+        many were timed."""
         self._clear()
         items = [(t, p, s, p == len(pr) - 1) for s, pr in enumerate(prompts) for p, t in enumerate(pr)]
         last = self._decode(items)
         pos = [len(p) for p in prompts]
         t0 = time.perf_counter()
-        for _ in range(steps):
+        done = 0
+        while done < steps and (done == 0 or max_seconds is None or time.perf_counter() - t0 < max_seconds):
             last = self._decode([(tok, pos[s], s, True) for s, tok in enumerate(last)])
             pos = [p + 1 for p in pos]
-        return steps * len(prompts) / (time.perf_counter() - t0)
+            done += 1
+        self.last_steps = done
+        return done * len(prompts) / (time.perf_counter() - t0)

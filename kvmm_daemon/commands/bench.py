@@ -17,6 +17,7 @@ BENCHES = {
     "serve": ("kvmm_daemon.bench.serve_bench", "concurrent clients through the daemon vs in-process"),
     "swap": ("swapfs.bench", "swapfs swap-out/in bandwidth vs plain O_DIRECT"),
     "resume": ("kvmm_daemon.bench.resume_bench", "session resume from flash vs recompute"),
+    "weights": ("kvmm_daemon.bench.weights_bench", "decode with weights streamed under a budget vs llama.cpp in a cgroup"),
 }
 
 

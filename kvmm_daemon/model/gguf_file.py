@@ -180,11 +180,16 @@ class GGUFModelFile:
             raise ModelLoadError(f"{self.path}: tokenizer tokens or merges are missing; "
                                  "re-convert the model with llama.cpp's convert_hf_to_gguf.py")
         types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        return Tokenizer(tokens, types, merges, pre=md.get("tokenizer.ggml.pre", "default"),
-                         bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
-                         eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
-                         add_bos=md.get("tokenizer.ggml.add_bos_token"),
-                         source=str(self.path))
+        tokenizer = Tokenizer(tokens, types, merges, pre=md.get("tokenizer.ggml.pre", "default"),
+                              bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+                              eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
+                              add_bos=md.get("tokenizer.ggml.add_bos_token"),
+                              source=str(self.path))
+        # The tokenizer holds what it needs; the metadata's copies (~10 MiB of strings for a
+        # 49k vocabulary) would only weigh on a budgeted daemon.
+        for key in ("tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.tokens"):
+            md.pop(key, None)
+        return tokenizer
 
     @functools.cached_property
     def chat_template(self) -> ChatTemplate | None:

@@ -26,8 +26,14 @@ def tok(model):
     return model.tokenizer
 
 
-def fresh_tokenizer(model) -> Tokenizer:
-    md = model.metadata
+@pytest.fixture(scope="module")
+def metadata():
+    """The raw vocabulary metadata (a model file whose tokenizer is built drops it)."""
+    return GGUFModelFile(default_model_path()).metadata
+
+
+def fresh_tokenizer(metadata) -> Tokenizer:
+    md = metadata
     return Tokenizer(md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"],
                      md["tokenizer.ggml.merges"], pre="smollm", bos_token_id=1,
                      eos_token_id=2, add_bos=False)
@@ -156,8 +162,8 @@ def test_vocabulary_metadata(tok):
     assert tok.encode("", add_special=True) == []
 
 
-def test_bos_is_added_when_the_vocabulary_asks(model):
-    md = model.metadata
+def test_bos_is_added_when_the_vocabulary_asks(metadata):
+    md = metadata
     with_bos = Tokenizer(md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"],
                          md["tokenizer.ggml.merges"], pre="smollm", bos_token_id=1,
                          eos_token_id=2, add_bos=True)
@@ -165,8 +171,8 @@ def test_bos_is_added_when_the_vocabulary_asks(model):
     assert with_bos.encode("") == [1]
 
 
-def test_unsupported_pre_tokenizer_is_refused(model):
-    md = model.metadata
+def test_unsupported_pre_tokenizer_is_refused(metadata):
+    md = metadata
     with pytest.raises(ModelLoadError, match="pre-tokenizer 'qwen2' is not supported"):
         Tokenizer(md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"], [],
                   pre="qwen2", bos_token_id=None, eos_token_id=None)
@@ -186,12 +192,12 @@ def test_incremental_decoder_holds_back_partial_utf8(tok):
     assert partial.finish() == "\ufffd"
 
 
-def test_two_thousand_token_prompt_encodes_fast(model):
+def test_two_thousand_token_prompt_encodes_fast(metadata):
     rng = random.Random(1)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
              for _ in range(1500)]
     text = " ".join(w + rng.choice(["", ",", ".", " 42", "\n"]) for w in words)
-    tok = fresh_tokenizer(model)  # cold word cache
+    tok = fresh_tokenizer(metadata)  # cold word cache
     start = time.perf_counter()
     ids = tok.encode(text)
     elapsed = time.perf_counter() - start
