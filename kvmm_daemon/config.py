@@ -19,7 +19,7 @@ class EngineConfig:
     model: str | None = None               # GGUF file or safetensors dir; None = embedded SmolLM2
     kv_budget: int = 256 << 20             # bytes for the KV arena
     weight_budget: int | None = None       # bytes the weight pool may hold; None = all resident
-    weight_window: int = 3                 # slots streamed weights cycle through (>= 2 used)
+    weight_window: int = 0                 # slots streamed weights cycle through; 0 = from measurements
     state_dir: str | None = None           # weight files etc.; None = $KVMM_STATE_DIR, /var/lib/kvmm, ~/.cache/kvmm
     block_size: int = 16                   # tokens per KV block
     max_model_len: int = 2048              # longest prompt + completion of one sequence
@@ -38,7 +38,7 @@ class EngineConfig:
         self.kv_budget = parse_size(self.kv_budget, what="--kv-budget")
         if self.weight_budget is not None:
             self.weight_budget = parse_size(self.weight_budget, what="--weight-budget")
-        for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "weight_window"):
+        for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer (got {value!r})")
@@ -46,6 +46,9 @@ class EngineConfig:
             raise ConfigError(f"block_size {self.block_size} is too large; use 1..256 (16 is usual)")
         if self.kv_dtype not in KV_DTYPES:
             raise ConfigError(f"kv_dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        if not isinstance(self.weight_window, int) or self.weight_window < 0:
+            raise ConfigError(f"weight_window must be 0 (measured) or a number of slots >= 1 "
+                              f"(got {self.weight_window!r})")
         if self.threads is not None and self.threads <= 0:
             raise ConfigError(f"threads must be positive (got {self.threads})")
         self.swap_size = parse_size(self.swap_size, what="--swap-size")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 import xxhash
@@ -45,7 +46,7 @@ class StreamingWeightPool:
     """
 
     def __init__(self, wf: WeightFile, spec: ModelSpec, io, *, budget_bytes: int,
-                 linear_mode: str = "auto", window: int = 3, verify: bool = True) -> None:
+                 linear_mode: str = "auto", window: int = 0, verify: bool = True) -> None:
         self.wf = wf
         self.spec = spec
         self.io = io
@@ -55,9 +56,12 @@ class StreamingWeightPool:
         emb = wf.embedding
         self._scratch_bytes = min(EMBED_SCRATCH, _round_up(emb.nbytes, ALIGN) + 2 * ALIGN)
         fixed = self._scratch_bytes + wf.output_norm.padded
+        self.fd = _open_direct(wf.path)
+        self.window_reason = f"configured ({window})"
+        if window <= 0:
+            window, self.window_reason = self._measure_window(records)
         self.plan = WeightPlan.make([r.nbytes for r in records], budget_bytes,
                                     fixed_bytes=fixed, window=window)
-        self.fd = _open_direct(wf.path)
         self.arena = AlignedBuffer(self.plan.arena_bytes, huge_pages=self.plan.huge_pages)
         self.lock_error = None if self.arena.lock() else self.arena.lock_error
         if self.lock_error:
@@ -96,11 +100,40 @@ class StreamingWeightPool:
         self._embed_bytes = 0
         self.trace = StepTrace(len(records))
         log.info("weight pool: %s budget, %d of %d segments pinned (%s), %d streamed through %d slots "
-                 "(%s read per step)", format_size(budget_bytes), len(self.plan.resident), len(records),
-                 format_size(self.plan.resident_bytes), len(self.plan.streamed), self.plan.window,
-                 format_size(self.plan.streamed_bytes))
+                 "(%s read per step); window %s", format_size(budget_bytes), len(self.plan.resident),
+                 len(records), format_size(self.plan.resident_bytes), len(self.plan.streamed),
+                 self.plan.window, format_size(self.plan.streamed_bytes), self.window_reason)
 
     # --- loading -----------------------------------------------------------------------------
+
+    def _measure_window(self, records: list[SegmentRecord]) -> tuple[int, str]:
+        """Window slots from measured times: a segment's read (its bytes at the device
+        profile's bandwidth) against its compute (the largest layer's matmuls on one token,
+        timed here on a copy read once). Compute-bound: one read in flight hides the next.
+        I/O-bound: enough in flight to keep the device's queue full (queue depth x request
+        size, from the profile), at most 3: each slot more is a segment less pinned."""
+        prof = self.io.profile
+        rec = max((r for r in records if "linears" in r.meta), key=lambda r: r.nbytes, default=None)
+        if rec is None or not prof.read_bandwidth:
+            return 3, "default (no device bandwidth measured)"
+        with AlignedBuffer(rec.padded, huge_pages=False) as tmp:
+            self.io.read(self.fd, rec.offset, tmp.view[:rec.padded], priority=Priority.WEIGHT_READ)
+            layer = segment_from_parts(rec.meta, rec.tensor_views(torch.frombuffer(tmp.view, dtype=torch.uint8)))
+            linears = [getattr(layer, n) for n in ("qkv", "o", "gate_up", "down")]
+            xs = [torch.zeros(1, lin.in_features) for lin in linears]
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for lin, x in zip(linears, xs):
+                    lin(x)
+                best = min(best, time.perf_counter() - t0)
+            del layer, linears
+        t_io = rec.padded / prof.read_bandwidth
+        if t_io <= best:
+            return 2, f"compute-bound (read {t_io * 1e3:.2f} ms <= compute {best * 1e3:.2f} ms per layer)"
+        depth = max(1, min(3, -(-prof.queue_depth * prof.request_bytes // rec.padded)))
+        return 1 + depth, (f"I/O-bound (read {t_io * 1e3:.2f} ms > compute {best * 1e3:.2f} ms per layer): "
+                           f"{depth} in flight fill the device queue")
 
     def _read(self, rec: SegmentRecord, view: memoryview, verify: bool) -> None:
         """Read a segment into `view` (O_DIRECT); with verify, check its checksum."""

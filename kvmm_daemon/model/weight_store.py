@@ -61,7 +61,7 @@ def _prepare_in_child(model_path, state: Path, linear_mode: str) -> None:
 
 
 def open_streaming_pool(model_file, model_path, spec, io, *, budget_bytes: int, configured_state: str | None,
-                        linear_mode: str = "auto", window: int = 3):
+                        linear_mode: str = "auto", window: int = 0):
     from kvmm_daemon.model.streaming_weight_pool import StreamingWeightPool
 
     state = state_dir(configured_state)

@@ -147,3 +147,15 @@ def test_step_trace_splits_each_step_into_compute_and_stall(make_engine, q4_mode
         assert all(rec.stall_s[i] == 0 for i in pool.pinned)      # pinned ones never wait
         assert sum(rec.stall_s) + sum(rec.compute_s) <= rec.step_s
     engine.close()
+
+
+def test_the_window_is_chosen_from_measured_times_and_logged(make_engine, q4_model, state_dir, caplog):
+    caplog.set_level(logging.INFO, logger="kvmm.weights")
+    engine = make_engine(model=q4_model, weight_budget=300_000, state_dir=state_dir)
+    pool = engine.runner.model.weights
+    assert pool.window_reason.startswith(("compute-bound", "I/O-bound", "default"))
+    assert pool.plan.window >= 2 and f"window {pool.window_reason}" in caplog.text
+    engine.close()
+    fixed = make_engine(model=q4_model, weight_budget=300_000, state_dir=state_dir, weight_window=2)
+    assert fixed.runner.model.weights.plan.window == 2
+    fixed.close()
