@@ -29,6 +29,13 @@ def tiny_model(tmp_path_factory) -> Path:
     return _load_tiny_llama()(tmp_path_factory.mktemp("tiny-llama"), context=512)
 
 
+@pytest.fixture(scope="session")
+def slow_model(tmp_path_factory) -> Path:
+    """Bigger than the tiny model so that a long request outlasts the signal handling."""
+    return _load_tiny_llama()(tmp_path_factory.mktemp("slow-llama"), hidden=256, layers=6,
+                              intermediate=768, context=512)
+
+
 def short_tempdir() -> str:
     """A directory for sockets: short path (< 108 bytes) that other uids may traverse."""
     d = tempfile.mkdtemp(prefix="kvmm-", dir="/tmp")

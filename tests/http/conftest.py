@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.daemon.conftest import DaemonProcess, sock_dir, tiny_model  # noqa: F401 - fixtures
+from tests.daemon.conftest import DaemonProcess, slow_model, sock_dir, tiny_model  # noqa: F401 - fixtures
 
 ROOT_KEY = "sk-kvmm-test-root-0000"           # the TCP key of uid 0
 NOBODY_KEY = "sk-kvmm-test-nobody-65534"      # the TCP key of uid 65534
