@@ -14,8 +14,13 @@ goes away (EOF, reset, broken pipe) has its requests aborted, which frees their 
 `drain` implements SIGTERM: refuse new work, give in-flight requests `grace_period_s`, abort
 the rest, let their final frames go out.
 
+Every front admits its generates through `Server.admit` (this msgpack server and the HTTP API
+of openai_api.py alike), so limits, session ownership, draining, metrics and "leaving aborts
+the request" are written once; a front only relays a `Generation`'s outputs in its own shape.
+
 Prior art: vLLM's OpenAI server (streaming deltas, a final usage message), trio's
-`serve_listeners` (EMFILE back-off). Left out: TCP, TLS, authentication beyond the uid.
+`serve_listeners` (EMFILE back-off). Left out: TCP and TLS on this socket (the HTTP API has
+TCP with API keys), authentication beyond the uid.
 """
 from __future__ import annotations
 
