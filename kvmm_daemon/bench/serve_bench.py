@@ -6,10 +6,14 @@ each, ignore_eos so every request decodes exactly that many tokens), kept `--cli
 flight at once (a closed loop: a finished request is replaced by the next one).
 * in-process: one Engine; the loop adds requests and steps it, timestamping every delta;
 * daemon: `kvmm serve` started on the same engine settings (or `--socket` to use a running
-  one), `--clients` trio tasks, each with its own connection, streaming.
+  one), `--clients` trio tasks, each with its own connection, streaming;
+* http (with `--http`): the same daemon's OpenAI-compatible API on its Unix socket,
+  `--clients` trio tasks each with an httpx connection streaming /v1/chat/completions
+  (server-sent events), as an app written against the OpenAI API would.
 Never both at once: after one warm-up run each (first-call costs of torch kernels stay out),
 `--rounds` measured runs alternate between the sides, so that load from elsewhere on the
 machine drifts into both alike; the rounds are pooled.
+Goal of the HTTP front: throughput >= 0.9x the msgpack socket, TTFT p50 within +10 ms.
 Figures per side: throughput (completion tokens/s over the wall time), time to first token
 (from submission) and inter-token latency (between streamed chunks, spread over their
 tokens), p50/p99. Overhead = daemon / in-process.
@@ -45,6 +49,8 @@ def register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--rounds", type=int, default=2, help="alternating measured rounds per side (default 2)")
     p.add_argument("--socket", default=None, help="bench this running daemon instead of starting one")
+    p.add_argument("--http", action="store_true", help="also drive the daemon's OpenAI-compatible HTTP API")
+    p.add_argument("--http-socket", default=None, help="with --socket: the running daemon's HTTP socket")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -144,12 +150,56 @@ async def _drive_daemon(path: str, args: argparse.Namespace) -> Recorder:
     return rec
 
 
+async def _drive_http(path: str, args: argparse.Namespace) -> Recorder:
+    """The workload through the HTTP API: one httpx connection per client, SSE chat streams.
+    A chunk carries the text of one engine step (one token; two when a character spans
+    tokens); the final usage chunk corrects the token count."""
+    import json
+
+    import httpx
+    import trio
+
+    rec, counter = Recorder(), iter(range(args.requests))
+
+    async def client_task() -> None:
+        transport = httpx.AsyncHTTPTransport(uds=path)
+        async with httpx.AsyncClient(transport=transport, base_url="http://kvmm", timeout=600) as h:
+            model = (await h.get("/v1/models")).json()["data"][0]["id"]
+            for i in counter:
+                rid, counted = f"h{i}", 0
+                body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                        "max_tokens": args.max_tokens, "ignore_eos": True, "stream": True,
+                        "stream_options": {"include_usage": True}}
+                rec.submitted(rid)
+                async with h.stream("POST", "/v1/chat/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                            rec.delta(rid, 1)
+                            counted += 1
+                        elif chunk.get("usage"):
+                            rec.tokens += chunk["usage"]["completion_tokens"] - counted
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(args.clients):
+            nursery.start_soon(client_task)
+    rec.wall_s = time.perf_counter() - t0
+    return rec
+
+
 def _start_daemon(args: argparse.Namespace, directory: str) -> tuple[subprocess.Popen, str]:
     from kvmm_daemon.client import Client, DaemonUnavailable
 
     path = os.path.join(directory, "bench.sock")
     cmd = [sys.executable, "-m", "kvmm_daemon.cli", "serve", "--socket", path, "--socket-group", "",
            "--kv-budget", str(args.kv_budget), "--log-level", "warning"]
+    if args.http:
+        args.http_socket = os.path.join(directory, "http.sock")
+        cmd += ["--http-socket", args.http_socket]
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
     proc = subprocess.Popen(cmd, stderr=open(os.path.join(directory, "daemon.log"), "wb"))
@@ -165,42 +215,49 @@ def _start_daemon(args: argparse.Namespace, directory: str) -> tuple[subprocess.
     raise RuntimeError(f"the bench daemon did not start; see {directory}/daemon.log")
 
 
-def _measure(args: argparse.Namespace, path: str) -> tuple[dict, dict]:
-    """Alternate in-process and daemon runs (after one warm-up each) so that load from
-    elsewhere on the machine drifts into both sides alike; pool the rounds."""
+def _measure(args: argparse.Namespace, path: str) -> dict[str, dict]:
+    """Alternate the sides (after one warm-up each) so that load from elsewhere on the
+    machine drifts into all of them alike; pool the rounds."""
     import trio
 
     engine, prompts, params = _inprocess_engine(args)
-    _drive_engine(engine, prompts, params, args, "w")
-    trio.run(_drive_daemon, path, args)
-    sides: dict[str, list[Recorder]] = {"inprocess": [], "daemon": []}
+    drivers = {"inprocess": lambda tag: _drive_engine(engine, prompts, params, args, tag),
+               "daemon": lambda tag: trio.run(_drive_daemon, path, args)}
+    if args.http:
+        drivers["http"] = lambda tag: trio.run(_drive_http, args.http_socket, args)
+    for drive in drivers.values():
+        drive("w")
+    sides: dict[str, list[Recorder]] = {name: [] for name in drivers}
     for r in range(args.rounds):
-        sides["inprocess"].append(_drive_engine(engine, prompts, params, args, f"r{r}-"))
-        sides["daemon"].append(trio.run(_drive_daemon, path, args))
-    out = []
-    for recs in sides.values():
+        for name, drive in drivers.items():
+            sides[name].append(drive(f"r{r}-"))
+    out = {}
+    for name, recs in sides.items():
         pooled = Recorder()
         for rec in recs:
             pooled.ttft += rec.ttft
             pooled.itl += rec.itl
             pooled.tokens += rec.tokens
-        out.append(pooled.summary(sum(rec.wall_s for rec in recs), args.requests * len(recs)))
-    return out[0], out[1]
+        out[name] = pooled.summary(sum(rec.wall_s for rec in recs), args.requests * len(recs))
+    return out
 
 
 def run_serve_bench(args: argparse.Namespace) -> dict:
     workload = {"clients": args.clients, "requests": args.requests, "rounds": args.rounds, "max_tokens": args.max_tokens,
                 "model": args.model or "embedded SmolLM2-135M", "kv_budget": str(args.kv_budget)}
     if args.socket:
-        inproc, daemon = _measure(args, args.socket)
+        if args.http and not args.http_socket:
+            raise SystemExit("--http with --socket needs --http-socket PATH of that daemon")
+        sides = _measure(args, args.socket)
     else:
         with tempfile.TemporaryDirectory(prefix="kvmm-bench-") as d:
             proc, path = _start_daemon(args, d)
             try:
-                inproc, daemon = _measure(args, path)
+                sides = _measure(args, path)
             finally:
                 proc.terminate()
                 proc.wait(60)
+    inproc, daemon = sides["inprocess"], sides["daemon"]
     ratio = lambda a, b: None if not a or not b else round(a / b, 3)
     overhead = {"throughput_ratio": ratio(daemon["throughput_tok_s"], inproc["throughput_tok_s"]),
                 "ttft_p50_ratio": ratio(daemon["ttft_p50_ms"], inproc["ttft_p50_ms"]),
@@ -209,9 +266,21 @@ def run_serve_bench(args: argparse.Namespace) -> dict:
             ("ITL p50 ms", "itl_p50_ms"), ("ITL p99 ms", "itl_p99_ms"), ("wall s", "wall_s")]
     print(f"serve bench: {args.requests} requests x {args.max_tokens} tokens, {args.clients} concurrent, "
           f"{args.rounds} rounds per side")
-    print(f"{'':18} {'in-process':>12} {'daemon':>12}")
+    names = {"inprocess": "in-process", "daemon": "daemon", "http": "http"}
+    print(f"{'':18} " + " ".join(f"{names[n]:>12}" for n in sides))
     for label, key in rows:
-        print(f"{label:18} {inproc[key]!s:>12} {daemon[key]!s:>12}")
+        print(f"{label:18} " + " ".join(f"{sides[n][key]!s:>12}" for n in sides))
     print(f"daemon/in-process throughput {overhead['throughput_ratio']}, TTFT p50 {overhead['ttft_p50_ratio']}, "
           f"ITL p50 {overhead['itl_p50_ratio']}")
-    return {"workload": workload, "inprocess": inproc, "daemon": daemon, "overhead": overhead}
+    result = {"workload": workload, "inprocess": inproc, "daemon": daemon, "overhead": overhead}
+    if "http" in sides:
+        http = sides["http"]
+        ttft_delta = (None if http["ttft_p50_ms"] is None or daemon["ttft_p50_ms"] is None
+                      else round(http["ttft_p50_ms"] - daemon["ttft_p50_ms"], 2))
+        tr = ratio(http["throughput_tok_s"], daemon["throughput_tok_s"])
+        met = tr is not None and tr >= 0.9 and ttft_delta is not None and ttft_delta <= 10
+        result["http"] = http
+        result["http_vs_msgpack"] = {"throughput_ratio": tr, "ttft_p50_delta_ms": ttft_delta, "goal_met": met}
+        print(f"http/msgpack throughput {tr}, TTFT p50 delta {ttft_delta} ms "
+              f"(goal: >= 0.9 and <= +10 ms: {'met' if met else 'NOT met'})")
+    return result

@@ -18,6 +18,9 @@ FLAGS = {
     "--swap-dir": ("swap_dir", str, "directory of the flash swap tier"),
     "--swap-size": ("swap_size", str, "size of the flash swap file"),
     "--mount": ("mount", str, "where to mount the swapfs view"),
+    "--http-socket": ("http_socket", str, "Unix socket of the OpenAI-compatible HTTP API (off by default)"),
+    "--http-listen": ("http_listen", str, "HOST:PORT (or PORT on loopback) for the HTTP API on TCP; "
+                      "needs http_api_keys in the config (off by default)"),
     "--grace-period": ("grace_period_s", float, "seconds in-flight requests get on SIGTERM"),
     "--log-level": ("log_level", str, "debug, info, warning or error"),
 }

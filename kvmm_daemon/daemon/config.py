@@ -45,6 +45,13 @@ class DaemonConfig:
       max_kv_blocks_per_uid: KV blocks one uid's in-flight requests may need at most, counted
         as ceil((prompt + max_tokens) / block_size) per choice; None = only the pool's size.
       max_sessions_per_uid: open sessions per uid.
+      http_socket: path of the OpenAI-compatible HTTP API's Unix socket (same group and mode
+        as `socket`; peers known by SO_PEERCRED); None = no HTTP on a Unix socket.
+      http_listen: "HOST:PORT" (or "PORT" for 127.0.0.1) of the HTTP API on TCP; None = off.
+        TCP peers must send `Authorization: Bearer KEY` with a key of `http_api_keys`.
+      http_api_keys: API key -> tenant (a uid, or a user name resolved to its uid); a TCP
+        request acts as that uid exactly as a Unix-socket peer of that uid would. In the
+        environment: KVMM_HTTP_API_KEYS="key1=1000,key2=alice".
       engine: the EngineConfig handed to Engine.from_config.
     """
 
@@ -58,6 +65,9 @@ class DaemonConfig:
     max_requests_per_uid: int = 32
     max_kv_blocks_per_uid: int | None = None
     max_sessions_per_uid: int = 16
+    http_socket: str | None = None
+    http_listen: str | None = None
+    http_api_keys: dict = field(default_factory=dict)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -94,8 +104,72 @@ class DaemonConfig:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ConfigError(f"daemon.max_kv_blocks_per_uid {v!r} must be a positive integer, "
                               f"or absent for no per-uid limit")
+        self._check_http()
         if not isinstance(self.engine, EngineConfig):
             raise ConfigError("engine settings must come from the [engine] table")
+
+    def _check_http(self) -> None:
+        if self.http_socket == "":
+            self.http_socket = None
+        if self.http_socket is not None:
+            if not isinstance(self.http_socket, str) or not self.http_socket.startswith("/"):
+                raise ConfigError(f"daemon.http_socket {self.http_socket!r} must be an absolute path, "
+                                  f"e.g. /run/kvmm/http.sock")
+            if len(os.fsencode(self.http_socket)) > 107:
+                raise ConfigError(f"daemon.http_socket {self.http_socket!r} is longer than the 107 "
+                                  f"bytes a Unix socket path may have; choose a shorter path")
+            if self.http_socket == self.socket:
+                raise ConfigError(f"daemon.http_socket and daemon.socket are both {self.socket}; "
+                                  f"give the HTTP API a socket of its own, e.g. /run/kvmm/http.sock")
+        if self.http_listen == "":
+            self.http_listen = None
+        if self.http_listen is not None:
+            self.http_address()                     # validates
+        keys = self.http_api_keys
+        if isinstance(keys, str):                   # KVMM_HTTP_API_KEYS="key=uid,key=name"
+            pairs = [p.partition("=") for p in keys.split(",") if p.strip()]
+            if any(not sep for _, sep, _ in pairs):
+                raise ConfigError("KVMM_HTTP_API_KEYS must look like key1=1000,key2=alice")
+            keys = {k.strip(): (int(v) if v.strip().isdigit() else v.strip()) for k, _, v in pairs}
+        if not isinstance(keys, dict):
+            raise ConfigError("daemon.http_api_keys must be a table of key = uid (or user name), "
+                              "e.g. http_api_keys = { \"sk-board-1\" = 1000 }")
+        for key, tenant in keys.items():
+            if not isinstance(key, str) or len(key) < 8:
+                raise ConfigError(f"daemon.http_api_keys: key {key!r} is shorter than 8 characters; "
+                                  f"use a long random string (openssl rand -hex 16)")
+            if isinstance(tenant, bool) or not isinstance(tenant, (int, str)) or (
+                    isinstance(tenant, int) and not 0 <= tenant < 2 ** 32):
+                raise ConfigError(f"daemon.http_api_keys: tenant {tenant!r} must be a uid or a user name")
+        self.http_api_keys = keys
+        if self.http_listen is not None and not keys:
+            raise ConfigError("daemon.http_listen is set but daemon.http_api_keys is empty: TCP "
+                              "peers have no uid, so every request would be refused; add keys "
+                              "or listen on http_socket only")
+
+    def http_address(self) -> tuple[str, int]:
+        """(host, port) of http_listen; a bare port means loopback."""
+        host, sep, port = str(self.http_listen).rpartition(":")
+        host = host.strip("[]") if sep else "127.0.0.1"
+        if not port.isdigit() or not 0 <= int(port) <= 65535 or (sep and not host):
+            raise ConfigError(f"daemon.http_listen {self.http_listen!r} must be HOST:PORT or PORT, "
+                              f"e.g. 127.0.0.1:8080 (0 picks a free port)")
+        return host, int(port)
+
+    def api_key_uids(self) -> dict[str, int]:
+        """http_api_keys with user names resolved to uids; ConfigError for an unknown user."""
+        import pwd
+
+        out = {}
+        for key, tenant in self.http_api_keys.items():
+            if isinstance(tenant, str):
+                try:
+                    tenant = pwd.getpwnam(tenant).pw_uid
+                except KeyError:
+                    raise ConfigError(f"daemon.http_api_keys maps a key to user {tenant!r}, which "
+                                      f"does not exist; use a uid or create the user") from None
+            out[key] = tenant
+        return out
 
     def socket_gid(self) -> int | None:
         """The gid of socket_group, or None to keep the creator's group."""

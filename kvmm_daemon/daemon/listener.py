@@ -1,15 +1,17 @@
 """The daemon's listening Unix socket: inherited from systemd (LISTEN_FDS) or bound here.
 
-Socket activation (sd_listen_fds(3)): when $LISTEN_PID is our pid and $LISTEN_FDS >= 1, fd 3
-is a listening socket that systemd bound from kvmm.socket (with its mode and group); we use it
-as is and never unlink its path. Otherwise we bind `DaemonConfig.socket` ourselves: create the
+Socket activation (sd_listen_fds(3)): when $LISTEN_PID is our pid and $LISTEN_FDS >= 1, fds
+3.. are listening sockets that systemd bound from kvmm.socket and kvmm-http.socket (with their
+mode and group); we use them as they are and never unlink their paths. $LISTEN_FDNAMES tells
+them apart: the fd named "http" (FileDescriptorName=http) serves the HTTP API and may also be
+a TCP socket; the first other one serves the msgpack protocol. Otherwise we bind `DaemonConfig.socket` ourselves: create the
 directory, refuse to steal the path from a live daemon (a connect succeeds), remove a stale
 socket file, bind, then chmod 0660 and chown to the configured group so that only members of
 the group can connect.
 
 Prior art: libsystemd's sd_listen_fds.c (the pid check, unsetting the variables), and the way
-Docker/containerd prepare their sockets. Left out: several inherited sockets (only fd 3 is
-used; extra fds are closed with a warning) and FileDescriptorName= matching.
+Docker/containerd prepare their sockets. Left out: more than one socket per role (extra fds
+are closed with a warning).
 """
 from __future__ import annotations
 
@@ -30,12 +32,13 @@ SD_LISTEN_FDS_START = 3
 @dataclass(frozen=True, slots=True)
 class Listener:
     sock: socket.socket
-    path: str              # the path clients connect to
+    path: str              # the path clients connect to (for TCP: "tcp HOST:PORT")
     activated: bool        # True: systemd owns the path; do not unlink it on exit
 
     def close(self) -> None:
+        unix = self.sock.family == socket.AF_UNIX
         self.sock.close()
-        if not self.activated:
+        if unix and not self.activated:
             try:
                 if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                     os.unlink(self.path)
@@ -43,38 +46,57 @@ class Listener:
                 pass
 
 
-def inherited_socket(env: Mapping[str, str] | None = None, *, unset: bool = True) -> socket.socket | None:
-    """fd 3 as a listening AF_UNIX stream socket when systemd passed one to us, else None."""
+HTTP_FD_NAMES = ("http", "kvmm-http.socket")
+
+
+def inherited_sockets(env: Mapping[str, str] | None = None, *, unset: bool = True) -> dict[str, socket.socket]:
+    """The listening sockets systemd passed to us, by role ("kvmm", "http"); {} without
+    socket activation."""
     env = os.environ if env is None else env
-    pid, nfds = env.get("LISTEN_PID"), env.get("LISTEN_FDS")
+    pid, nfds, names = env.get("LISTEN_PID"), env.get("LISTEN_FDS"), env.get("LISTEN_FDNAMES", "")
     if unset and env is os.environ:
         for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(var, None)
     if not pid or not nfds:
-        return None
+        return {}
     if pid != str(os.getpid()):
         log.info("ignoring LISTEN_FDS meant for pid %s", pid)
-        return None
+        return {}
     try:
         count = int(nfds)
     except ValueError:
         raise ConfigError(f"LISTEN_FDS={nfds!r} is not a number; check kvmm.socket") from None
-    if count < 1:
-        return None
-    for extra in range(SD_LISTEN_FDS_START + 1, SD_LISTEN_FDS_START + count):
-        log.warning("closing extra inherited fd %d: kvmm listens on one socket", extra)
-        os.close(extra)
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+    fd_names = names.split(":") if names else []
+    out: dict[str, socket.socket] = {}
+    for i in range(count):
+        fd = SD_LISTEN_FDS_START + i
+        role = "http" if i < len(fd_names) and fd_names[i] in HTTP_FD_NAMES else "kvmm"
+        if role in out:
+            log.warning("closing extra inherited fd %d: kvmm listens on one %s socket", fd, role)
+            os.close(fd)
+            continue
+        out[role] = _check_inherited(fd, role)
+    return out
+
+
+def _check_inherited(fd: int, role: str) -> socket.socket:
+    sock = socket.socket(fileno=fd)
+    families = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6) if role == "http" else (socket.AF_UNIX,)
+    if sock.family not in families or sock.type != socket.SOCK_STREAM:
         sock.detach()
-        raise ConfigError("the socket passed by systemd is not a Unix stream socket; "
-                          "use ListenStream=/run/kvmm/kvmm.sock in kvmm.socket")
+        raise ConfigError(f"the socket passed by systemd as fd {fd} is not a Unix stream socket; "
+                          f"use ListenStream=/run/kvmm/kvmm.sock in kvmm.socket")
     if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         sock.detach()
-        raise ConfigError("the socket passed by systemd is not listening; use ListenStream= "
-                          "(Accept=no) in kvmm.socket")
+        raise ConfigError(f"the socket passed by systemd as fd {fd} is not listening; use "
+                          f"ListenStream= (Accept=no) in kvmm.socket")
     sock.set_inheritable(False)
     return sock
+
+
+def inherited_socket(env: Mapping[str, str] | None = None, *, unset: bool = True) -> socket.socket | None:
+    """The msgpack socket passed by systemd, else None (see inherited_sockets)."""
+    return inherited_sockets(env, unset=unset).get("kvmm")
 
 
 def bind_socket(path: str, *, gid: int | None, mode: int = 0o660, backlog: int = 128) -> socket.socket:
@@ -131,12 +153,15 @@ def _remove_stale(path: str) -> None:
 
 
 def open_listener(path: str, *, gid: int | None, mode: int = 0o660,
-                  env: Mapping[str, str] | None = None) -> Listener:
-    """The inherited socket when socket-activated, else a freshly bound one."""
-    sock = inherited_socket(env)
+                  env: Mapping[str, str] | None = None,
+                  inherited: Mapping[str, socket.socket] | None = None, role: str = "kvmm") -> Listener:
+    """The socket of `role` passed by systemd when socket-activated, else a freshly bound one.
+    `inherited` is what `inherited_sockets()` returned (read from `env` when None)."""
+    sock = (inherited_sockets(env) if inherited is None else inherited).get(role)
     if sock is not None:
         name = sock.getsockname()
-        where = name if isinstance(name, str) and name else path
-        log.info("using socket %s passed by systemd (socket activation)", where)
+        where = (name if isinstance(name, str) and name else path) if sock.family == socket.AF_UNIX \
+            else "%s:%d" % name[:2]
+        log.info("using %s socket %s passed by systemd (socket activation)", role, where)
         return Listener(sock, where, activated=True)
     return Listener(bind_socket(path, gid=gid, mode=mode), path, activated=False)

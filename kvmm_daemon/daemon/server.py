@@ -14,29 +14,39 @@ goes away (EOF, reset, broken pipe) has its requests aborted, which frees their 
 `drain` implements SIGTERM: refuse new work, give in-flight requests `grace_period_s`, abort
 the rest, let their final frames go out.
 
+Every front admits its generates through `Server.admit` (this msgpack server and the HTTP API
+of openai_api.py alike), so limits, session ownership, draining, metrics and "leaving aborts
+the request" are written once; a front only relays a `Generation`'s outputs in its own shape.
+
 Prior art: vLLM's OpenAI server (streaming deltas, a final usage message), trio's
-`serve_listeners` (EMFILE back-off). Left out: TCP, TLS, authentication beyond the uid.
+`serve_listeners` (EMFILE back-off). Left out: TCP and TLS on this socket (the HTTP API has
+TCP with API keys), authentication beyond the uid.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import errno
+import functools
 import importlib.metadata
 import itertools
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator
 
 import trio
 
 from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon.daemon.accept import accept_forever
 from kvmm_daemon.daemon.auth import PeerCredentials, UidLimits, blocks_needed, peer_credentials
 from kvmm_daemon.daemon.config import DaemonConfig
 from kvmm_daemon.daemon.connection import Connection
 from kvmm_daemon.daemon.engine_loop import ABORTED, EngineLoop
+from kvmm_daemon.daemon.metrics import Metrics
 from kvmm_daemon.daemon.sessions import SessionDirectory, owner_of, session_ref
+from kvmm_daemon.engine.outputs import OutputAccumulator
+from kvmm_daemon.engine.sampling_params import SamplingParams
 from kvmm_daemon.errors import CapacityError, KvmmError, RequestError
 
 log = logging.getLogger("kvmm.server")
@@ -59,6 +69,59 @@ class RequestRecord:
     started: float
 
 
+@dataclass(slots=True, eq=False)
+class Generation:
+    """One admitted request as its front sees it: iterate it for the engine's outputs.
+
+    Attributes:
+      acc: every output taken so far, folded (iteration feeds it).
+      finished: the engine reported the request done (an error counts); until then, leaving
+        `Server.admit` aborts the request, which frees its blocks.
+      aborted: the request was aborted (cancel, drain) before it finished.
+      engine_stopped: the output channel closed without a final output (the engine loop
+        failed); `finished` stays False.
+      retire: forget the request in the server's tables (call before sending the final
+        reply); idempotent.
+    """
+    request_id: str
+    prompt_ids: list[int]
+    outputs: trio.MemoryReceiveChannel
+    acc: OutputAccumulator
+    retire: Any
+    metrics: Metrics
+    last_t: float = dataclasses.field(default_factory=time.perf_counter)   # admission, then last token
+    streamed: bool = False         # some token came out already
+    finished: bool = False
+    aborted: bool = False
+    engine_stopped: bool = False
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> Any:
+        """The next RequestOutput; stops after the last, on abort (finish reasons become
+        "abort") or when the engine loop stopped."""
+        if self.finished or self.aborted or self.engine_stopped:
+            raise StopAsyncIteration
+        try:
+            out = await self.outputs.receive()
+        except trio.EndOfChannel:
+            self.engine_stopped = True
+            raise StopAsyncIteration from None
+        if out is ABORTED:
+            self.acc.abort()
+            self.aborted = True
+            raise StopAsyncIteration
+        self.acc.take(out)
+        self.finished = out.finished or out.error is not None
+        ntokens = max((len(d.token_ids) for d in out.deltas), default=0)
+        if ntokens:
+            now = time.perf_counter()
+            self.metrics.observe_tokens(not self.streamed, now - self.last_t, ntokens)
+            self.last_t, self.streamed = now, True
+        return out
+
+
 class Server:
     """Serves one engine on one listening socket.
 
@@ -75,6 +138,7 @@ class Server:
         self.engine = engine
         self.block_size = block_size
         self.loop = EngineLoop(engine, watchdog=watchdog, ping_interval_s=ping_interval_s)
+        self.metrics = Metrics(lambda: self.engine.statistics().as_dict())
         self.limits = UidLimits(cfg.max_requests_per_uid, cfg.max_kv_blocks_per_uid)
         self.sessions = SessionDirectory(engine, self.loop, cfg.max_sessions_per_uid)
         self.records: dict[str, RequestRecord] = {}   # listed and cancellable requests
@@ -96,17 +160,7 @@ class Server:
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as self._accepting:
                 task_status.started()
-                while True:
-                    try:
-                        stream = await listener.accept()
-                    except OSError as exc:
-                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                            log.warning("accept: %s; retrying in 100 ms", exc.strerror)
-                            await trio.sleep(0.1)
-                            continue
-                        raise
-                    nursery.start_soon(self._handle, stream)
-            await listener.aclose()
+                await accept_forever(listener, self._handle, nursery)
 
     def stop_accepting(self) -> None:
         if self._accepting is not None:
@@ -242,45 +296,55 @@ class Server:
     async def _generate_task(self, conn: Connection, req: P.GenerateRequest) -> None:
         try:
             await self._generate(conn, req)
-        except P.ProtocolError as exc:
-            self.errors[exc.code.value] += 1
+        except P.ProtocolError as exc:           # counted by admit
             await conn.try_send(P.error_reply(req.id, exc.code, exc.message))
         except trio.BrokenResourceError:
             pass                                   # peer gone; _generate aborted the request
 
     async def _generate(self, conn: Connection, req: P.GenerateRequest) -> None:
-        who = conn.creds
-        if self.draining:
-            raise P.ProtocolError(P.ErrorCode.SHUTTING_DOWN, "the daemon is shutting down; retry after it restarts")
-        session_id = self.sessions.ensure(who, req.session) if req.session else None
         messages = None if req.messages is None else [{"role": r, "content": c} for r, c in req.messages]
+        async with self.admit(conn.creds, params=req.params, prompt=req.prompt, messages=messages,
+                              token_ids=req.token_ids, raw=req.raw, session=req.session,
+                              conn_id=conn.id) as gen:
+            await conn.send(P.reply(req.id, "accepted", request_id=gen.request_id,
+                                    prompt_tokens=len(gen.prompt_ids)))
+            await self._stream(conn, req, gen)
+
+    @contextlib.asynccontextmanager
+    async def admit(self, who: PeerCredentials, *, params: SamplingParams, prompt: str | None = None,
+                    messages: list[dict[str, str]] | None = None, token_ids=None, raw: bool = False,
+                    session: str | None = None, conn_id: int = 0) -> AsyncIterator[Generation]:
+        """Admit one generate of `who` and submit it to the engine; yields its Generation.
+
+        Every front (msgpack, HTTP) goes through here, so limits, ownership and draining are
+        the same for all. ProtocolError when refused. On exit the request is aborted unless
+        the consumer saw it finish (`gen.finished`), and retired either way."""
         try:
-            prompt_ids = await trio.to_thread.run_sync(lambda: self.engine.encode_prompt(
-                text=req.prompt, messages=messages,
-                token_ids=None if req.token_ids is None else list(req.token_ids), raw=req.raw,
-                session_id=session_id))
-        except RequestError as exc:
-            raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, str(exc)) from None
-        params = req.params
-        blocks = blocks_needed(len(prompt_ids), params.max_tokens, params.num_choices, self.block_size)
-        self.limits.admit(who.uid, blocks)
+            prompt_ids, session_id, blocks = await self._admission(
+                who, params, prompt, messages, token_ids, raw, session)
+        except P.ProtocolError as exc:
+            self.refused(exc.code)
+            raise
         request_id = f"r{next(self._request_ids)}"
         self.handlers += 1
-        self.records[request_id] = RequestRecord(request_id, who.uid, conn.id, blocks,
+        self.records[request_id] = RequestRecord(request_id, who.uid, conn_id, blocks,
                                                  len(prompt_ids), session_id, time.monotonic())
         self.requests_total += 1
-        finished = False
+        gen = None
         try:
             try:
                 outputs = self.loop.submit(request_id, prompt_ids, params, session_id, owner=who.uid)
-            except CapacityError as exc:
-                raise P.ProtocolError(P.ErrorCode.CAPACITY, str(exc)) from None
-            except RequestError as exc:
-                raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, str(exc)) from None
-            await conn.send(P.reply(req.id, "accepted", request_id=request_id,
-                                    prompt_tokens=len(prompt_ids)))
-            finished = await self._stream(conn, req, request_id, prompt_ids, outputs)
+            except (CapacityError, RequestError) as exc:
+                code = P.ErrorCode.CAPACITY if isinstance(exc, CapacityError) else P.ErrorCode.INVALID_REQUEST
+                self.refused(code)
+                raise P.ProtocolError(code, str(exc)) from None
+            gen = Generation(request_id, prompt_ids, outputs, OutputAccumulator(params.num_choices),
+                             functools.partial(self._retire, request_id), self.metrics)
+            yield gen
         finally:
+            finished = gen is not None and gen.finished
+            if gen is not None:
+                self._observe_end(gen)
             if not finished:
                 self.loop.abort(request_id)
             log.debug("%s uid %d: %d prompt tokens, %s", request_id, who.uid, len(prompt_ids),
@@ -288,6 +352,38 @@ class Server:
             self._retire(request_id)
             self.handlers -= 1
             self._records_changed.set()
+
+    async def _admission(self, who: PeerCredentials, params: SamplingParams, prompt: str | None,
+                         messages: list[dict[str, str]] | None, token_ids, raw: bool,
+                         session: str | None) -> tuple[list[int], str | None, int]:
+        """Checks before a request exists: draining, the session, the prompt, the uid's
+        limits (its KV blocks reserved here, released by _retire). ProtocolError when refused."""
+        if self.draining:
+            raise P.ProtocolError(P.ErrorCode.SHUTTING_DOWN, "the daemon is shutting down; retry after it restarts")
+        session_id = self.sessions.ensure(who, session) if session else None
+        try:
+            prompt_ids = await trio.to_thread.run_sync(lambda: self.engine.encode_prompt(
+                text=prompt, messages=messages,
+                token_ids=None if token_ids is None else list(token_ids), raw=raw,
+                session_id=session_id))
+        except RequestError as exc:
+            raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, str(exc)) from None
+        blocks = blocks_needed(len(prompt_ids), params.max_tokens, params.num_choices, self.block_size)
+        self.limits.admit(who.uid, blocks)
+        return prompt_ids, session_id, blocks
+
+    def refused(self, code: P.ErrorCode) -> None:
+        """Count a request refused or failed with `code` (stats and metrics)."""
+        self.errors[code.value] += 1
+        self.metrics.refused.labels(code.value).inc()
+
+    def _observe_end(self, gen: Generation) -> None:
+        last = gen.acc.last
+        if last is not None and last.error is not None:
+            self.refused(P.ErrorCode.ENGINE_ERROR)
+            return
+        usage = gen.acc.usage(len(gen.prompt_ids))
+        self.metrics.observe_end(gen.acc.finish_reasons, usage.prompt_tokens, usage.cached_prompt_tokens, usage.completion_tokens)
 
     def _retire(self, request_id: str) -> None:
         """Forget a request and release its reservation (idempotent). Called before its final
@@ -297,45 +393,26 @@ class Server:
             self.limits.release(rec.uid, rec.blocks)
             self._records_changed.set()
 
-    async def _stream(self, conn: Connection, req: P.GenerateRequest, request_id: str,
-                      prompt_ids: list[int], outputs: trio.MemoryReceiveChannel) -> bool:
-        """Relay one request's outputs; True once the engine is done with it."""
-        n = req.params.num_choices
-        texts, tokens = [""] * n, [[] for _ in range(n)]
-        reasons: list[str | None] = [None] * n
-        usage = timings = None
-        async for out in outputs:
-            if out is ABORTED:
-                reasons = [r or "abort" for r in reasons]
-                break
+    async def _stream(self, conn: Connection, req: P.GenerateRequest, gen: Generation) -> None:
+        """Relay one request's outputs as msgpack replies."""
+        request_id, acc = gen.request_id, gen.acc
+        async for out in gen:
             if out.error is not None:
-                self._retire(request_id)
+                gen.retire()
                 await conn.send(P.error_reply(req.id, P.ErrorCode.ENGINE_ERROR, out.error))
-                self.errors[P.ErrorCode.ENGINE_ERROR.value] += 1
-                return True
-            usage, timings, reasons = out.usage, out.timings, list(out.finish_reasons)
-            for d in out.deltas:
-                texts[d.index] += d.text
-                tokens[d.index].extend(d.token_ids)
+                return
             if req.stream and any(d.token_ids or d.text for d in out.deltas):
                 await conn.send(P.reply(req.id, "delta", request_id=request_id, choices=[
                     {"index": d.index, "token_ids": list(d.token_ids), "text": d.text} for d in out.deltas]))
-            if out.finished:
-                break
-        else:
+        if gen.engine_stopped:
             await conn.send(P.error_reply(req.id, P.ErrorCode.INTERNAL, "the engine stopped; see the daemon log"))
-            return False
-        choices = [{"index": i, "text": texts[i], "token_ids": tokens[i], "finish_reason": reasons[i]}
-                   for i in range(n)]
-        self._retire(request_id)
+            return
+        gen.retire()
         await conn.send(P.reply(
-            req.id, "done", request_id=request_id, choices=choices, prompt_token_ids=prompt_ids,
-            usage=dataclasses.asdict(usage) if usage else
-            {"prompt_tokens": len(prompt_ids), "cached_prompt_tokens": 0,
-             "completion_tokens": sum(map(len, tokens))},
-            timings=dataclasses.asdict(timings) if timings else
-            {"ttft_s": None, "prefill_tokens_per_s": None, "decode_tokens_per_s": None}))
-        return True
+            req.id, "done", request_id=request_id,
+            choices=[dataclasses.asdict(c) for c in acc.choices()], prompt_token_ids=gen.prompt_ids,
+            usage=dataclasses.asdict(acc.usage(len(gen.prompt_ids))),
+            timings=dataclasses.asdict(acc.timings())))
 
     # ------------------------------------------------------------------ shutdown
 

@@ -13,31 +13,45 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import trio
 
 from kvmm_daemon.daemon.config import DaemonConfig
-from kvmm_daemon.daemon.listener import Listener, open_listener
+from kvmm_daemon.daemon.http_server import HttpServer
+from kvmm_daemon.daemon.listener import Listener, inherited_sockets, open_listener
+from kvmm_daemon.daemon.openai_api import OpenAIApi, model_id
 from kvmm_daemon.daemon.logs import setup_logging
 from kvmm_daemon.daemon.notify import SystemdNotifier
 from kvmm_daemon.daemon.server import Server, open_trio_listener
+from kvmm_daemon.errors import ConfigError
 
 log = logging.getLogger("kvmm.service")
 
 
 async def serve_engine(cfg: DaemonConfig, engine: Any, listener: Listener, notifier: SystemdNotifier,
-                       *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve `engine` on `listener` until SIGTERM/SIGINT, then drain and return.
+                       http_listeners: Sequence[Listener] = (), *,
+                       task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve `engine` on `listener` (msgpack) and `http_listeners` (the OpenAI-compatible API)
+    until SIGTERM/SIGINT, then drain and return.
 
-    `task_status.started(server)` fires once the socket accepts and READY=1 has been sent."""
+    `task_status.started(server)` fires once the sockets accept and READY=1 has been sent."""
     server = Server(cfg, engine, block_size=cfg.engine.block_size, watchdog=notifier.watchdog,
                     ping_interval_s=notifier.ping_interval_s)
+    http = None
+    if http_listeners:
+        api = OpenAIApi(server, model=model_id(cfg.engine.model), api_keys=cfg.api_key_uids(),
+                        max_body=cfg.max_frame_bytes)
+        http = HttpServer(api.app(), max_clients=cfg.max_clients)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.loop.run)
             await nursery.start(server.serve, open_trio_listener(listener.sock))
+            for lst in http_listeners:
+                await nursery.start(http.serve, lst.sock)
+                log.info("OpenAI-compatible HTTP API on %s", lst.path)
             if cfg.engine.mount and getattr(engine, "tier", None) is not None:
                 await nursery.start(serve_view, engine.tier.swap, cfg.engine.mount)
             notifier.ready(f"serving on {listener.path}")
@@ -48,6 +62,8 @@ async def serve_engine(cfg: DaemonConfig, engine: Any, listener: Listener, notif
                 log.info("received %s: draining", signal.Signals(signum).name)
                 break
             notifier.stopping(f"draining {len(server.records)} requests")
+            if http is not None:
+                http.stop_accepting()
             await server.drain(cfg.grace_period_s)
             nursery.cancel_scope.cancel()
     log.info("stopped")
@@ -76,6 +92,29 @@ async def serve_view(space, mountpoint: str, *, task_status=trio.TASK_STATUS_IGN
         task_status.started()
 
 
+def open_http_listeners(cfg: DaemonConfig, inherited: dict) -> list[Listener]:
+    """The HTTP API's sockets: the Unix one (passed by systemd, else `http_socket` bound like
+    the msgpack socket) and the TCP one of `http_listen`."""
+    out = []
+    if "http" in inherited or cfg.http_socket:
+        out.append(open_listener(cfg.http_socket or "", gid=cfg.socket_gid(), mode=cfg.socket_mode,
+                                 inherited=inherited, role="http"))
+    if cfg.http_listen:
+        host, port = cfg.http_address()
+        try:
+            sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                        backlog=128)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {cfg.http_listen} for HTTP: {exc.strerror}; "
+                              f"choose another --http-listen") from None
+        bound = sock.getsockname()
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("the HTTP API listens on %s, beyond loopback; anyone who can reach it "
+                        "needs only an API key (no TLS: put a proxy in front)", host)
+        out.append(Listener(sock, f"tcp {bound[0]}:{bound[1]}", activated=False))
+    return out
+
+
 def load_engine(cfg: DaemonConfig, notifier: SystemdNotifier) -> Any:
     from kvmm_daemon.engine.engine import Engine   # torch import: only the server needs it
 
@@ -93,17 +132,21 @@ def run_service(cfg: DaemonConfig) -> int:
     notifier = SystemdNotifier.from_env()
     try:
         engine = load_engine(cfg, notifier)
-        listener = open_listener(cfg.socket, gid=cfg.socket_gid(), mode=cfg.socket_mode)
+        inherited = inherited_sockets()
+        listener = open_listener(cfg.socket, gid=cfg.socket_gid(), mode=cfg.socket_mode, inherited=inherited)
+        http_listeners = open_http_listeners(cfg, inherited)
     except Exception:
         notifier.close()
         raise
     try:
-        trio.run(serve_engine, cfg, engine, listener, notifier)
+        trio.run(serve_engine, cfg, engine, listener, notifier, http_listeners)
     except Exception:
         log.critical("the daemon failed", exc_info=True)
         return 1
     finally:
         listener.close()
+        for lst in http_listeners:
+            lst.close()
         notifier.close()
         engine.close()            # flushes the flash tier: sessions survive the restart
     return 0

@@ -24,7 +24,7 @@ from kvmm_daemon.engine import choices
 from kvmm_daemon.engine.engine_stats import EngineStats, SessionInfo
 from kvmm_daemon.engine.flash_tier import FlashTier
 from kvmm_daemon.engine.model_runner import ModelRunner, ScheduledChunk
-from kvmm_daemon.engine.outputs import Choice, GenerateResult, RequestOutput
+from kvmm_daemon.engine.outputs import GenerateResult, OutputAccumulator, RequestOutput
 from kvmm_daemon.engine.request_outputs import error_output, request_output
 from kvmm_daemon.engine.prompts import PromptEncoder
 from kvmm_daemon.engine.sampling_params import SamplingParams
@@ -319,8 +319,7 @@ class Engine:
         """Run one request to completion on this thread (kvmm run)."""
         rid = request_id or f"run-{next_seq_id()}"
         self.add_request(rid, prompt_token_ids, params, session_id=session_id)
-        texts: dict[int, list[str]] = {}
-        tokens: dict[int, list[int]] = {}
+        acc = OutputAccumulator(params.num_choices)
         final: RequestOutput | None = None
         while final is None:
             for out in self.step():
@@ -328,14 +327,11 @@ class Engine:
                     continue
                 if on_output is not None:
                     on_output(out)
-                for d in out.deltas:
-                    texts.setdefault(d.index, []).append(d.text)
-                    tokens.setdefault(d.index, []).extend(d.token_ids)
+                acc.take(out)
                 if out.finished:
                     final = out
         if final.error:
             raise RequestError(final.error)
-        result_choices = [Choice(i, "".join(texts.get(i, [])), tokens.get(i, []), final.finish_reasons[i])
-                          for i in range(len(final.finish_reasons))]
+        result_choices = acc.choices()
         prompt = list(prompt_token_ids)
         return GenerateResult(rid, prompt, result_choices, final.usage, final.timings)

@@ -69,3 +69,50 @@ class GenerateResult:
         if len(self.choices) > 1:
             d["choices"] = [asdict(c) for c in self.choices]
         return d
+
+
+class OutputAccumulator:
+    """Folds one request's `RequestOutput`s into whole choices: the one place that turns a
+    stream of deltas into text, token ids and finish reasons (Engine.generate, the msgpack
+    server and the HTTP server all use it).
+
+    Attributes:
+      texts[i] / token_ids[i]: everything choice i produced so far, in order; exactly
+        `num_choices` entries each.
+      finish_reasons[i]: None while choice i runs; set from the latest output.
+      last: the latest output taken (its usage and timings are the request's so far), None
+        before the first.
+    """
+
+    __slots__ = ("texts", "token_ids", "finish_reasons", "last")
+
+    def __init__(self, num_choices: int):
+        assert num_choices >= 1
+        self.texts: list[list[str]] = [[] for _ in range(num_choices)]
+        self.token_ids: list[list[int]] = [[] for _ in range(num_choices)]
+        self.finish_reasons: list[str | None] = [None] * num_choices
+        self.last: RequestOutput | None = None
+
+    def take(self, out: RequestOutput) -> None:
+        for d in out.deltas:
+            self.texts[d.index].append(d.text)
+            self.token_ids[d.index].extend(d.token_ids)
+        if out.finish_reasons:
+            self.finish_reasons = list(out.finish_reasons)
+        self.last = out
+
+    def abort(self) -> None:
+        """Mark every unfinished choice as aborted (the request was cancelled)."""
+        self.finish_reasons = [r or "abort" for r in self.finish_reasons]
+
+    def choices(self) -> list[Choice]:
+        return [Choice(i, "".join(t), ids, r)
+                for i, (t, ids, r) in enumerate(zip(self.texts, self.token_ids, self.finish_reasons))]
+
+    def usage(self, prompt_tokens: int) -> Usage:
+        if self.last is not None:
+            return self.last.usage
+        return Usage(prompt_tokens, 0, sum(map(len, self.token_ids)))
+
+    def timings(self) -> Timings:
+        return self.last.timings if self.last is not None else Timings(None, None, None)

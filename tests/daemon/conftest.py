@@ -29,6 +29,13 @@ def tiny_model(tmp_path_factory) -> Path:
     return _load_tiny_llama()(tmp_path_factory.mktemp("tiny-llama"), context=512)
 
 
+@pytest.fixture(scope="session")
+def slow_model(tmp_path_factory) -> Path:
+    """Bigger than the tiny model so that a long request outlasts the signal handling."""
+    return _load_tiny_llama()(tmp_path_factory.mktemp("slow-llama"), hidden=256, layers=6,
+                              intermediate=768, context=512)
+
+
 def short_tempdir() -> str:
     """A directory for sockets: short path (< 108 bytes) that other uids may traverse."""
     d = tempfile.mkdtemp(prefix="kvmm-", dir="/tmp")
@@ -47,18 +54,24 @@ def sock_dir():
 class DaemonProcess:
     """`kvmm serve` as a child process; `stop()` sends SIGTERM and returns the exit status.
     `prefix` is prepended to the command line (a wrapper that sets up fds, say); `embedded`
-    serves the embedded SmolLM2 instead of `model`."""
+    serves the embedded SmolLM2 instead of `model`; `http` also serves the HTTP API on
+    `self.http_socket`. The daemon runs this tree's kvmm_daemon (PYTHONPATH), not whatever
+    the venv's `kvmm` script would import."""
 
     def __init__(self, model: Path, *, args: list[str] = (), env: dict | None = None,
                  pass_fds: tuple[int, ...] = (), prefix: list[str] = (), socket: str | None = None,
-                 kv_budget: str = "4MiB", wait: bool = True, embedded: bool = False):
+                 kv_budget: str = "4MiB", wait: bool = True, embedded: bool = False, http: bool = False):
         self.dir = short_tempdir()
         self.socket = socket or os.path.join(self.dir, "kvmm.sock")
+        self.http_socket = os.path.join(self.dir, "http.sock") if http else None
+        if http:
+            args = [*args, "--http-socket", self.http_socket]
         self.log_path = os.path.join(self.dir, "daemon.log")
         model_args = [] if embedded else ["--model", str(model)]
         cmd = [*prefix, KVMM, "serve", "--socket", self.socket, *model_args, "--kv-budget", kv_budget,
                "--threads", "1", "--log-level", "debug", *args]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("KVMM_", "NOTIFY_", "LISTEN_", "WATCHDOG_"))}
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         full_env.update(env or {})
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,

@@ -24,11 +24,13 @@ def test_serve_bench_on_the_tiny_model(tiny_model, capsys):
     p = argparse.ArgumentParser()
     register_args(p)
     args = p.parse_args(["--model", str(tiny_model), "--clients", "3", "--requests", "6", "--max-tokens", "5",
-                         "--kv-budget", "4MiB", "--threads", "1", "--rounds", "1"])
+                         "--kv-budget", "4MiB", "--threads", "1", "--rounds", "1", "--http"])
     result = run_serve_bench(args)
-    for side in ("inprocess", "daemon"):
+    for side in ("inprocess", "daemon", "http"):
         r = result[side]
         assert r["requests"] == 6 and r["completion_tokens"] == 30
         assert r["throughput_tok_s"] > 0 and r["ttft_p50_ms"] > 0 and r["itl_p99_ms"] >= r["itl_p50_ms"]
     assert result["overhead"]["throughput_ratio"] > 0
-    assert "daemon/in-process throughput" in capsys.readouterr().out
+    assert result["http_vs_msgpack"]["throughput_ratio"] > 0
+    out = capsys.readouterr().out
+    assert "daemon/in-process throughput" in out and "http/msgpack throughput" in out

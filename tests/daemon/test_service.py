@@ -14,15 +14,8 @@ import pytest
 
 from kvmm_daemon.client import Client, ConnectionLost, DaemonUnavailable, ShuttingDown
 
-from .conftest import DaemonProcess, _load_tiny_llama
+from .conftest import DaemonProcess
 from .helpers import RawConn
-
-
-@pytest.fixture(scope="module")
-def slow_model(tmp_path_factory):
-    """Bigger than the tiny model so that a long request outlasts the signal handling."""
-    return _load_tiny_llama()(tmp_path_factory.mktemp("slow-llama"), hidden=256, layers=6,
-                              intermediate=768, context=512)
 
 
 class FakeSystemd:

@@ -26,7 +26,7 @@ def verify(directory: Path, *units: str) -> subprocess.CompletedProcess:
 
 def units_copy(tmp_path: Path) -> Path:
     """The units with ExecStart pointing at this venv's kvmm (it must exist to verify)."""
-    for name in ("kvmm.service", "kvmm.socket"):
+    for name in ("kvmm.service", "kvmm.socket", "kvmm-http.socket"):
         text = (UNITS / name).read_text().replace("/usr/local/bin/kvmm", KVMM)
         (tmp_path / name).write_text(text)
     return tmp_path
@@ -35,7 +35,7 @@ def units_copy(tmp_path: Path) -> Path:
 @needs_systemd
 def test_units_verify_cleanly(tmp_path):
     d = units_copy(tmp_path)
-    r = verify(d, "kvmm.service", "kvmm.socket")
+    r = verify(d, "kvmm.service", "kvmm.socket", "kvmm-http.socket")
     assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
 
 
@@ -69,6 +69,10 @@ def test_service_has_what_the_daemon_needs():
     sock = dict(re.findall(r"^(\w+)=(.*)$", (UNITS / "kvmm.socket").read_text(), re.M))
     assert sock["ListenStream"] == cfg.socket and sock["SocketMode"] == "0660"
     assert sock["SocketGroup"] == cfg.socket_group == "kvmm"
+    http = dict(re.findall(r"^(\w+)=(.*)$", (UNITS / "kvmm-http.socket").read_text(), re.M))
+    assert http["ListenStream"] == cfg.http_socket and http["FileDescriptorName"] == "http"
+    assert http["SocketMode"] == "0660" and http["Service"] == "kvmm.service"
+    assert settings["Sockets"].split() == ["kvmm.socket", "kvmm-http.socket"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None or os.geteuid() != 0,
