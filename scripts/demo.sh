@@ -20,6 +20,20 @@ echo
 echo "== KV pool benchmark (no model compute)"
 $KVMM bench kv
 echo
+echo "== weights bigger than memory: a 22 MiB weight pool, the rest streamed from flash"
+STATE=$(mktemp -d /var/tmp/kvmm-demo-state.XXXXXX)   # the weight file: on disk, read with O_DIRECT
+$KVMM weights prepare --state-dir "$STATE"
+for budget in "" 22MiB; do
+  $KVMM run --raw --json --max-tokens 24 --kv-budget 16MiB --max-model-len 256 --state-dir "$STATE" \
+      ${budget:+--weight-budget $budget} "The capital of France is" 2>/dev/null | .venv/bin/python -c '
+import json, sys
+d = json.load(sys.stdin)
+label = sys.argv[1] or "none (all resident)"
+tps = d["timings"]["decode_tokens_per_s"]
+print("weight budget", label, ":", round(tps, 1), "tok/s, first tokens", d["token_ids"][:8])' "$budget"
+done
+rm -rf "$STATE"
+echo
 
 # --- the daemon: one model shared by several clients, KV on flash, the swapfs view --------
 RUN=$(mktemp -d /tmp/kvmm-demo.XXXXXX)          # socket and mount point
