@@ -22,6 +22,7 @@ class IOStats:
     wait_seconds: time callers spent blocked in wait().
     syscalls: system calls the backend made for I/O (preadv/pwritev calls, or io_uring_enter
       calls for submission and for waiting).
+    thread_priority: the I/O threads' CPU priority, or why it stayed the default.
     """
     backend: str
     backend_reason: str
@@ -42,6 +43,7 @@ class IOStats:
     errors: int
     wait_seconds: float
     syscalls: int
+    thread_priority: str = ""
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

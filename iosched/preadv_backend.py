@@ -11,6 +11,8 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
+from iosched.thread_priority import raise_own_priority
+
 if TYPE_CHECKING:
     from iosched.scheduler import IOScheduler
 
@@ -34,6 +36,7 @@ class PreadvBackend:
             self._threads.append(t)
 
     def _run(self, sched: IOScheduler) -> None:
+        sched.thread_priority = raise_own_priority()
         while True:
             t = sched._take(block=True)
             if t is None:

@@ -84,6 +84,7 @@ class IOScheduler:
         self._max_in_flight = self._merges = self._splits = self._retried = 0
         self._errors = self._syscalls = 0
         self._wait_seconds = 0.0
+        self.thread_priority = ""            # set by the backend's threads as they start
         self.backend, self.backend_reason = self._choose_backend(backend)
         log.info("%s: %s", name, self.backend_reason)
         self.backend.start(self)
@@ -285,7 +286,7 @@ class IOScheduler:
                 read_bandwidth=bw["read"], write_bandwidth=bw["write"],
                 max_in_flight=self._max_in_flight, merges=self._merges, splits=self._splits,
                 retries=self._retried, errors=self._errors, wait_seconds=self._wait_seconds,
-                syscalls=self._syscalls)
+                syscalls=self._syscalls, thread_priority=self.thread_priority)
 
     def close(self) -> None:
         with self._lock:

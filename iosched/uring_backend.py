@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from iosched import uring_native
 from iosched.aligned_buffer import address_of
+from iosched.thread_priority import raise_own_priority
 
 if TYPE_CHECKING:
     from iosched.scheduler import IOScheduler
@@ -80,6 +81,7 @@ class UringBackend:
         assert rc == 0, f"io_uring SQ full although {self.entries} >= queue depth"
 
     def _run(self, sched: IOScheduler) -> None:
+        sched.thread_priority = raise_own_priority()
         lib, ring = self._lib, self._ring
         qd = self.queue_depth
         in_flight: dict[int, Transfer] = {}
