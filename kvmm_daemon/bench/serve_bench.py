@@ -126,6 +126,18 @@ def _drive_engine(engine, prompts, params, args: argparse.Namespace, tag: str) -
     return rec
 
 
+async def _run_clients(rec: Recorder, client_task, clients: int) -> Recorder:
+    """Run `clients` copies of `client_task` at once; the wall time goes into `rec`."""
+    import trio
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(clients):
+            nursery.start_soon(client_task)
+    rec.wall_s = time.perf_counter() - t0
+    return rec
+
+
 async def _drive_daemon(path: str, args: argparse.Namespace) -> Recorder:
     import trio
 
@@ -142,12 +154,7 @@ async def _drive_daemon(path: str, args: argparse.Namespace) -> Recorder:
                     async for d in s:
                         rec.delta(rid, len(d.token_ids))
 
-    t0 = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(args.clients):
-            nursery.start_soon(client_task)
-    rec.wall_s = time.perf_counter() - t0
-    return rec
+    return await _run_clients(rec, client_task, args.clients)
 
 
 async def _drive_http(path: str, args: argparse.Namespace) -> Recorder:
@@ -157,7 +164,6 @@ async def _drive_http(path: str, args: argparse.Namespace) -> Recorder:
     import json
 
     import httpx
-    import trio
 
     rec, counter = Recorder(), iter(range(args.requests))
 
@@ -183,12 +189,7 @@ async def _drive_http(path: str, args: argparse.Namespace) -> Recorder:
                         elif chunk.get("usage"):
                             rec.tokens += chunk["usage"]["completion_tokens"] - counted
 
-    t0 = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(args.clients):
-            nursery.start_soon(client_task)
-    rec.wall_s = time.perf_counter() - t0
-    return rec
+    return await _run_clients(rec, client_task, args.clients)
 
 
 def _start_daemon(args: argparse.Namespace, directory: str) -> tuple[subprocess.Popen, str]:

@@ -71,12 +71,7 @@ class DaemonConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.socket, str) or not self.socket.startswith("/"):
-            raise ConfigError(f"daemon.socket {self.socket!r} must be an absolute path, "
-                              f"e.g. {DEFAULT_SOCKET}")
-        if len(os.fsencode(self.socket)) > 107:
-            raise ConfigError(f"daemon.socket {self.socket!r} is longer than the 107 bytes a "
-                              f"Unix socket path may have; choose a shorter path")
+        _check_socket_path("socket", self.socket, DEFAULT_SOCKET)
         if self.socket_group == "":
             self.socket_group = None
         if self.socket_group is not None and not isinstance(self.socket_group, str):
@@ -112,12 +107,7 @@ class DaemonConfig:
         if self.http_socket == "":
             self.http_socket = None
         if self.http_socket is not None:
-            if not isinstance(self.http_socket, str) or not self.http_socket.startswith("/"):
-                raise ConfigError(f"daemon.http_socket {self.http_socket!r} must be an absolute path, "
-                                  f"e.g. /run/kvmm/http.sock")
-            if len(os.fsencode(self.http_socket)) > 107:
-                raise ConfigError(f"daemon.http_socket {self.http_socket!r} is longer than the 107 "
-                                  f"bytes a Unix socket path may have; choose a shorter path")
+            _check_socket_path("http_socket", self.http_socket, "/run/kvmm/http.sock")
             if self.http_socket == self.socket:
                 raise ConfigError(f"daemon.http_socket and daemon.socket are both {self.socket}; "
                                   f"give the HTTP API a socket of its own, e.g. /run/kvmm/http.sock")
@@ -224,6 +214,14 @@ class DaemonConfig:
             return cls(engine=engine_cfg, **{k: v for k, (v, _) in daemon.items()})
         except ConfigError as exc:
             raise ConfigError(f"{exc} (daemon settings from {_where(daemon)})") from None
+
+
+def _check_socket_path(key: str, path: Any, example: str) -> None:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"daemon.{key} {path!r} must be an absolute path, e.g. {example}")
+    if len(os.fsencode(path)) > 107:
+        raise ConfigError(f"daemon.{key} {path!r} is longer than the 107 bytes a Unix socket "
+                          f"path may have; choose a shorter path")
 
 
 def _where(values: dict[str, tuple[Any, str]]) -> str:

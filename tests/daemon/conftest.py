@@ -109,6 +109,14 @@ class DaemonProcess:
         self._log.close()
         return code
 
+    def stop_and_check(self) -> None:
+        """Stop, clean up, and fail unless it exited 0 with no traceback in its log."""
+        code = self.stop()
+        log = self.log()
+        self.cleanup()
+        assert code == 0, log
+        assert "Traceback" not in log, log
+
     def cleanup(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -122,8 +130,4 @@ def daemon(tiny_model):
     """One daemon on the tiny model shared by the tests that leave it idle and session-free."""
     d = DaemonProcess(tiny_model, args=["--socket-group", "nogroup"])
     yield d
-    code = d.stop()
-    log = d.log()
-    d.cleanup()
-    assert code == 0, log
-    assert "Traceback" not in log, log
+    d.stop_and_check()

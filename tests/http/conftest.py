@@ -31,11 +31,7 @@ def http_daemon(tiny_model, tmp_path_factory):
                                                   "--http-listen", f"127.0.0.1:{port}"])
     d.http_base = f"http://127.0.0.1:{port}"
     yield d
-    code = d.stop()
-    log = d.log()
-    d.cleanup()
-    assert code == 0, log
-    assert "Traceback" not in log, log
+    d.stop_and_check()
 
 
 def unix_http(path: str, **kw) -> httpx.Client:
