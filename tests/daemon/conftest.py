@@ -26,7 +26,8 @@ def _load_tiny_llama():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    return _load_tiny_llama()(tmp_path_factory.mktemp("tiny-llama"), context=512)
+    # a fixed directory name: it is the model's id, which HTTP clients name (tests/http)
+    return _load_tiny_llama()(tmp_path_factory.mktemp("daemon-model") / "tiny-llama", context=512)
 
 
 @pytest.fixture(scope="session")

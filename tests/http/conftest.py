@@ -12,7 +12,7 @@ from tests.daemon.conftest import DaemonProcess, slow_model, sock_dir, tiny_mode
 
 ROOT_KEY = "sk-kvmm-test-root-0000"           # the TCP key of uid 0
 NOBODY_KEY = "sk-kvmm-test-nobody-65534"      # the TCP key of uid 65534
-MODEL = "tiny-llama0"                         # the id of the tiny model's directory
+MODEL = "tiny-llama"                          # the id of the tiny model (its directory's name)
 
 
 def free_port() -> int:
