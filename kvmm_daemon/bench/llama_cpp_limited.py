@@ -3,8 +3,9 @@ baseline of `kvmm bench weights`.
 
 Run as a child process (`python -m kvmm_daemon.bench.llama_cpp_limited ...`), it loads the
 GGUF with mmap, creates its context (n_ctx sized to the run), and prints one JSON object:
-its anonymous memory before the model and after the context (`anon_bytes`: what it holds of
-its own, KV included; the weights are file pages), then, unless --baseline-only, aggregate
+its anonymous memory before the model and after a warm-up (`anon_bytes`: what it holds of
+its own, KV and compute buffers included; the weights are file pages), then, unless
+--baseline-only, aggregate
 greedy decode tokens/s at --batch sequences after a warm-up, and the bytes it read from
 storage per decoded token (/proc/self/io read_bytes: page-cache misses of the mapping).
 The parent puts it in a MemoryCgroup of anon_bytes + the weight budget, after dropping the
@@ -40,13 +41,14 @@ def run(args: argparse.Namespace) -> dict:
 
     out = {"llama_cpp_python": llama_cpp.__version__, "anon_before_model": _status("RssAnon")}
     llm = LlamaCpp(args.model, threads=args.threads, max_seqs=args.batch, n_ctx_per_seq=args.n_ctx_per_seq)
+    prompts = [[(7 * s + j) % 1000 + 100 for j in range(8)] for s in range(args.batch)]
+    llm.decode_tokens_per_s(prompts, 2)                     # warm-up: same shapes, context warm
+    # its own memory once warm (KV, compute buffers, allocator): the weights are file pages
     out.update(anon_bytes=_status("RssAnon"), n_ctx=llm.n_ctx, flash_attn="llama.cpp default",
                kv_type="f16 (llama.cpp default)", **llm.settings)
     if args.baseline_only:
         llm.close()
         return out
-    prompts = [[(7 * s + j) % 1000 + 100 for j in range(8)] for s in range(args.batch)]
-    llm.decode_tokens_per_s(prompts, 2)                     # warm-up: same shapes, context warm
     r0 = _read_bytes()
     tps = llm.decode_tokens_per_s(prompts, args.steps, max_seconds=args.max_seconds)
     tokens = llm.last_steps * args.batch

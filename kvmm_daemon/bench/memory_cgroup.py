@@ -10,7 +10,8 @@ engine gets exactly the bytes it is given.
 
 The child is placed in the group by the child itself before it execs (a preexec function
 writes its pid to cgroup.procs), so no instruction of it runs outside the limit. The group
-is removed on exit, and leftovers of a killed run (same name) are removed first.
+is named after the benchmark's pid (another run's group is never touched), removed on exit,
+and a leftover of the same name (a killed run whose pid came round again) is removed first.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class MemoryCgroup:
     def __init__(self, name: str, limit: int, *, root: Path = ROOT) -> None:
         if os.geteuid() != 0:
             raise ConfigError("memory-limited benchmarks need root (they create cgroups)")
+        name = f"{name}-{os.getpid()}"       # two benchmarks on one machine never share a group
         self.version = cgroup_version(root)
         self.path = (root / "memory" / name) if self.version == 1 else (root / name)
         self.limit = int(limit)
@@ -144,6 +146,33 @@ class MemoryCgroup:
             proc.kill()
             out, err = proc.communicate()
         return CgroupRun(proc.returncode, out, err, self.peak(), self.oom_kills(), time.perf_counter() - t0)
+
+
+def cached_bytes(path: str) -> int:
+    """Bytes of `path` in the page cache (mincore over a fresh read-only mapping), to check
+    that a drop left the file cold: pages mapped by other processes cannot be dropped."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    if not size:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_long]
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return -1
+        try:
+            if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+                return -1
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+    return sum(v & 1 for v in vec) * mmap.PAGESIZE
 
 
 def drop_page_cache() -> None:

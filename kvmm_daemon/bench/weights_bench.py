@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from kvmm_daemon.sizes import format_size, parse_size
@@ -39,7 +41,8 @@ def register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=24, help="decode steps measured per run (default 24)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kv-budget", default="16MiB")
-    p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M)")
+    p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M; a 1B-shape "
+                   "one: scripts/make_random_gguf.py)")
     p.add_argument("--state-dir", default="/var/tmp/kvmm-bench-state",
                    help="where kvmm keeps its weight file (on flash, not tmpfs)")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp baseline")
@@ -73,12 +76,24 @@ def _budgets(spec: str, model_bytes: int) -> dict[str, int]:
 
 
 def run_weights_bench(args: argparse.Namespace) -> dict:
-    from kvmm_daemon.bench.direct_read import direct_read_bandwidth
-    from kvmm_daemon.bench.memory_cgroup import MemoryCgroup, drop_page_cache
     from kvmm_daemon.model.model_file import default_model_path
+
+    # A private copy of the model: the installed file is mapped by other processes (tests,
+    # daemons), and a drop cannot evict mapped pages, so it would never start cold.
+    private = Path(tempfile.mkdtemp(prefix="kvmm-bench-model-", dir="/var/tmp"))
+    try:
+        model = str(private / Path(args.model or default_model_path()).name)
+        shutil.copyfile(args.model or default_model_path(), model)
+        return _run(args, model)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, model: str) -> dict:
+    from kvmm_daemon.bench.direct_read import direct_read_bandwidth
+    from kvmm_daemon.bench.memory_cgroup import MemoryCgroup, cached_bytes, drop_page_cache
     from kvmm_daemon.model.weight_file import WeightFile, weight_file_path, weight_key
 
-    model = str(args.model or default_model_path())
     model_bytes = os.path.getsize(model)
     batches = [int(b) for b in args.batches.split(",")]
     budgets = _budgets(args.budgets, model_bytes)
@@ -103,11 +118,12 @@ def run_weights_bench(args: argparse.Namespace) -> dict:
                     "llama_cpp_runs": {}}
     for label, budget in budgets.items():
         drop_page_cache()
+        cold = cached_bytes(model)
         limit = torch_rss + budget + kv + SLACK
         with MemoryCgroup("kvmm-bench-kvmm", limit) as cg:
             run = cg.run(_child("kvmm_daemon.bench.weights_run", "--budget", str(budget), *common), timeout=900)
         got = _json_of(run, "kvmm")
-        got.update(cgroup_limit=limit, cgroup_peak=run.peak_bytes, oom_kills=run.oom_kills)
+        got.update(cgroup_limit=limit, cgroup_peak=run.peak_bytes, oom_kills=run.oom_kills, cold_cached_bytes=cold)
         result["kvmm_runs"][label] = got
         if "error" in got:
             continue
@@ -124,7 +140,7 @@ def run_weights_bench(args: argparse.Namespace) -> dict:
 
 
 def _llama(args, model: str, budgets: dict[str, int], batches: list[int], result: dict) -> None:
-    from kvmm_daemon.bench.memory_cgroup import MemoryCgroup, drop_page_cache
+    from kvmm_daemon.bench.memory_cgroup import MemoryCgroup, cached_bytes, drop_page_cache
 
     try:
         import llama_cpp  # noqa: F401
@@ -140,13 +156,15 @@ def _llama(args, model: str, budgets: dict[str, int], batches: list[int], result
             continue
         for label, budget in budgets.items():
             drop_page_cache()
+            cold = cached_bytes(model)
             limit = probe["anon_bytes"] + budget
             with MemoryCgroup("kvmm-bench-llama", limit) as cg:
                 run = cg.run(_child("kvmm_daemon.bench.llama_cpp_limited", *base, "--batch", str(b),
                                     "--steps", str(args.tokens), "--max-seconds", str(args.llama_seconds)),
                              timeout=args.llama_seconds * 4 + 120)
             got = _json_of(run, "llama.cpp")
-            got.update(cgroup_limit=limit, cgroup_peak=run.peak_bytes, oom_kills=run.oom_kills)
+            got.update(cgroup_limit=limit, cgroup_peak=run.peak_bytes, oom_kills=run.oom_kills,
+                       cold_cached_bytes=cold)
             result["llama_cpp_runs"][f"{label}/{b}"] = got
             mine = result["decode_tokens_per_s"].get(label, {}).get(str(b))
             if "decode_tokens_per_s" in got and mine:

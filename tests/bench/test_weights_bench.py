@@ -1,6 +1,5 @@
 """The parts of `kvmm bench weights`: memory cgroups that really limit, the plain O_DIRECT
 reference, the kvmm child on a tiny model, the llama.cpp child (when llama_cpp is there)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,23 +9,13 @@ import tempfile
 import pytest
 
 from kvmm_daemon.bench.direct_read import direct_read_bandwidth
-from kvmm_daemon.bench.memory_cgroup import MemoryCgroup, cgroup_version
+from kvmm_daemon.bench.memory_cgroup import MemoryCgroup
 from kvmm_daemon.bench.weights_bench import _budgets
+from tests.bench.conftest import needs_cgroup, needs_llama_cpp
 
 MiB = 1 << 20
 
 
-def _cgroup_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "memory cgroups need root"
-    try:
-        cgroup_version()
-    except Exception as e:            # noqa: BLE001 - the reason is the message
-        return str(e)
-    return None
-
-
-needs_cgroup = pytest.mark.skipif(_cgroup_reason() is not None, reason=_cgroup_reason() or "")
 ALLOC = "import sys; b = bytearray(int(sys.argv[1]) << 20); b[::4096] = b'x' * len(b[::4096]); print('ok')"
 
 
@@ -86,8 +75,7 @@ def test_kvmm_child_reports_a_budgeted_run(tmp_path):
     assert 0 <= streamed["1"]["stall_share"] <= 1 and streamed["peak_rss"] > 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                    reason="llama_cpp is not importable (pip install '.[llama]')")
+@needs_llama_cpp
 def test_llama_cpp_child_reports_its_own_memory_and_speed():
     from kvmm_daemon.model.model_file import default_model_path
 
