@@ -205,7 +205,8 @@ class StreamingWeightPool:
         i = 0
         while i < len(rows):
             # pages covering rows[i:j] (merged where they touch), as many as fit the scratch
-            runs: list[list[int]] = []
+            runs: list[list[int]] = []     # [file start, file end, scratch offset], ascending
+            run_of: list[int] = []         # run_of[k - i]: the run holding rows[k]
             used, j = 0, i
             while j < len(rows):
                 lo = (emb.offset + rows[j] * rb) // ALIGN * ALIGN
@@ -221,6 +222,7 @@ class StreamingWeightPool:
                         break
                     runs.append([lo, hi, used])
                     used += hi - lo
+                run_of.append(len(runs) - 1)
                 j += 1
             reqs = [self.io.submit_read(self.fd, lo, view[at:at + hi - lo], priority=Priority.WEIGHT_READ)
                     for lo, hi, at in runs]
@@ -234,9 +236,8 @@ class StreamingWeightPool:
                                       f"requests fail, the next step reads again") from None
             self._embed_bytes += used
             for k in range(i, j):
-                start = emb.offset + rows[k] * rb
-                run = next(r for r in runs if r[0] <= start < r[1])
-                at = run[2] + start - run[0]
+                run = runs[run_of[k - i]]
+                at = run[2] + emb.offset + rows[k] * rb - run[0]
                 out[k] = raw[at:at + rb]
             i = j
         return out

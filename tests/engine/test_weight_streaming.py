@@ -159,3 +159,29 @@ def test_the_window_is_chosen_from_measured_times_and_logged(make_engine, q4_mod
     fixed = make_engine(model=q4_model, weight_budget=300_000, state_dir=state_dir, weight_window=2)
     assert fixed.runner.model.weights.plan.window == 2
     fixed.close()
+
+
+@pytest.mark.slow
+def test_embedding_rows_read_in_several_rounds_equal_the_resident_table(state_dir):
+    """300 scattered rows of the embedded model's 49k-row table need more pages than the
+    scratch holds: read in rounds, they equal the resident embedding bit for bit."""
+    import torch
+
+    from iosched import IOScheduler
+    from kvmm_daemon.model.model_file import default_model_path, open_model
+    from kvmm_daemon.model.weight_segments import ModelWeights
+    from kvmm_daemon.model.weight_store import open_streaming_pool
+
+    path = default_model_path()
+    mf = open_model(path)
+    io = IOScheduler()
+    pool = open_streaming_pool(mf, path, mf.spec, io, budget_bytes=22 << 20, configured_state=state_dir)
+    try:
+        ids = torch.randperm(mf.spec.vocab_size, generator=torch.Generator().manual_seed(0))[:300]
+        ids = torch.cat([ids, ids[:7]])                                  # repeats too
+        want = ModelWeights(mf, mf.spec).embedding()(ids)
+        assert torch.equal(pool.embed(ids), want)
+        assert pool.statistics().bytes_read >= 300 * 4096 > pool._scratch_bytes
+    finally:
+        pool.close()
+        io.close()
