@@ -33,7 +33,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def slow_model(tmp_path_factory) -> Path:
     """Bigger than the tiny model so that a long request outlasts the signal handling."""
-    return _load_tiny_llama()(tmp_path_factory.mktemp("slow-llama"), hidden=256, layers=6,
+    return _load_tiny_llama()(tmp_path_factory.mktemp("daemon-slow-model") / "slow-llama", hidden=256, layers=6,
                               intermediate=768, context=512)
 
 

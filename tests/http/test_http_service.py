@@ -40,7 +40,7 @@ def test_socket_activated_http_drains_with_503(slow_model, sock_dir):
         assert "using http socket %s passed by systemd" % http_path in d.log()
         with unix_http(http_path) as busy, unix_http(http_path) as other:
             assert other.get("/health").json()["status"] == "ok"            # a kept-alive connection
-            body = {"model": "slow-llama0", "prompt": "The quick brown fox", "max_tokens": 400,
+            body = {"model": "slow-llama", "prompt": "The quick brown fox", "max_tokens": 400,
                     "ignore_eos": True, "stream": True}
             with busy.stream("POST", "/v1/completions", json=body) as r:
                 lines = r.iter_lines()
@@ -49,7 +49,7 @@ def test_socket_activated_http_drains_with_503(slow_model, sock_dir):
                 time.sleep(0.3)
                 health = other.get("/health")
                 assert health.status_code == 503 and health.json()["status"] == "draining"
-                refused = other.post("/v1/completions", json={"model": "slow-llama0", "prompt": "x", "max_tokens": 2})
+                refused = other.post("/v1/completions", json={"model": "slow-llama", "prompt": "x", "max_tokens": 2})
                 assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
                 rest = [line[6:] for line in lines if line.startswith("data: ")]
             assert rest[-1] == "[DONE]" and json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"
