@@ -36,6 +36,7 @@ from kvmm_daemon.engine.sessions import SessionTable
 from kvmm_daemon.engine.stop_checker import StopChecker
 from kvmm_daemon.errors import CapacityError, RequestError
 from kvmm_daemon.kv.kv_manager import KVCacheManager
+from kvmm_daemon.kv.tenant import PREFIX_HASH_SCHEME, tenant_root
 
 log = logging.getLogger("kvmm.engine")
 
@@ -64,6 +65,12 @@ class Engine:
         self._inbox: list[tuple] = []
         self._steps = 0
         self._tokens_computed = 0
+        if self.tier is not None:
+            dropped = swap.adopt_prefix_scheme(PREFIX_HASH_SCHEME)
+            if dropped:
+                log.warning("flash tier: discarded %d prefix blocks stored under an older hash scheme "
+                            "(not salted per tenant, so nobody may read them); they are recomputed "
+                            "on demand", dropped)
         self.sessions.load_stored()         # sessions committed to flash survive restarts
         self._snapshot: EngineStats = self._take_snapshot()
 
@@ -344,8 +351,10 @@ class Engine:
         self._check_fits(len(prompt), params, session_id)
         seq = Sequence(seq_id=next_seq_id(), token_ids=list(prompt), num_prompt_tokens=len(prompt))
         req = Request(request_id, list(prompt), params, [seq], session_id=session_id, owner=owner)
+        tenant = owner
         if session_id is not None:
             s = self.sessions.get_or_create(session_id, owner)
+            tenant = s.owner                  # a session's KV is its owner's, whoever sends the turn
             if s.busy:
                 raise RequestError(f"session {session_id!r} already has a turn in flight; wait for it to finish")
             s.busy = True
@@ -359,6 +368,7 @@ class Engine:
                 seq.num_computed_tokens = self.kv.num_computed_tokens(s.seq_id)
                 req.num_cached_prompt_tokens = seq.num_computed_tokens
             s.seq_id = None
+        req.cache_root = tenant_root(tenant, shared=self.cfg.share_prefix_cache)
         self.requests[request_id] = req
         self.scheduler.add(req)
 

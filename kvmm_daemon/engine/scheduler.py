@@ -173,7 +173,7 @@ class Scheduler:
         for seq in req.seqs:
             if seq.seq_id in self.kv:          # adopted session KV: already holds its blocks
                 continue
-            while (res := self.kv.allocate(seq.seq_id, seq.token_ids)) is None:
+            while (res := self.kv.allocate(seq.seq_id, seq.token_ids, req.cache_root)) is None:
                 if not self.release_idle():
                     for s in allocated:
                         self.kv.free(s.seq_id)

@@ -67,10 +67,10 @@ def test_failure_while_scheduling_fails_only_that_request(make_engine, expected,
     engine = make_engine()
     real = engine.kv.allocate
 
-    def allocate(seq_id, token_ids):
+    def allocate(seq_id, token_ids, *args):
         if _poisoned(token_ids):
             raise RuntimeError("injected allocation failure")
-        return real(seq_id, token_ids)
+        return real(seq_id, token_ids, *args)
     monkeypatch.setattr(engine.kv, "allocate", allocate)
     _check(engine, _run_batch(engine, [POISON, 3, 4, 5, 6, 7]), expected, "scheduling")
 
