@@ -34,6 +34,7 @@ class EngineConfig:
     session_idle_s: float = 60.0           # a parked session's memory is released after this
     preemption: str = "auto"               # auto (cost model) | swap | recompute
     share_prefix_cache: bool = False       # one prefix cache for all uids (single-tenant boards)
+    swap_quota_per_uid: int | None = None  # bytes of stored sessions one uid may hold; None = a fair share
 
     def __post_init__(self) -> None:
         self.kv_budget = parse_size(self.kv_budget, what="--kv-budget")
@@ -53,6 +54,8 @@ class EngineConfig:
         if self.threads is not None and self.threads <= 0:
             raise ConfigError(f"threads must be positive (got {self.threads})")
         self.swap_size = parse_size(self.swap_size, what="--swap-size")
+        if self.swap_quota_per_uid is not None:
+            self.swap_quota_per_uid = parse_size(self.swap_quota_per_uid, what="swap_quota_per_uid")
         if self.session_idle_s < 0:
             raise ConfigError(f"session_idle_s must not be negative (got {self.session_idle_s})")
         if self.preemption not in ("auto", "swap", "recompute"):

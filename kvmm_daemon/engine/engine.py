@@ -32,6 +32,7 @@ from kvmm_daemon.engine.prompts import PromptEncoder
 from kvmm_daemon.engine.sampling_params import SamplingParams
 from kvmm_daemon.engine.scheduler import Scheduler
 from kvmm_daemon.engine.sequence import Request, RequestStatus, Sequence, next_seq_id
+from kvmm_daemon.engine.session_evictor import pick_victim
 from kvmm_daemon.engine.sessions import SessionTable
 from kvmm_daemon.engine.stop_checker import StopChecker
 from kvmm_daemon.errors import CapacityError, RequestError
@@ -65,6 +66,7 @@ class Engine:
         self._inbox: list[tuple] = []
         self._steps = 0
         self._tokens_computed = 0
+        self._full_seen = 0          # the flash tier's "full" errors already answered by eviction
         if self.tier is not None:
             dropped = swap.adopt_prefix_scheme(PREFIX_HASH_SCHEME)
             if dropped:
@@ -131,6 +133,12 @@ class Engine:
     def delete_session(self, session_id: str) -> None:
         with self._lock:
             self._inbox.append(("delete", session_id))
+
+    def session_imported(self, session_id: str) -> None:
+        """A session was committed to flash behind the engine's back (an import through the
+        view): list it from the next step on."""
+        with self._lock:
+            self._inbox.append(("imported", session_id))
 
     def list_sessions(self) -> list[SessionInfo]:
         return list(self._snapshot.sessions)
@@ -205,8 +213,26 @@ class Engine:
         if self.tier is not None:
             self.tier.flush()
             self.sessions.offload_idle(self.cfg.session_idle_s)
+            self._evict_if_full(outputs)
         self._snapshot = self._take_snapshot()
         return list(outputs.values())
+
+    def _evict_if_full(self, outputs: dict) -> None:
+        """After a session save found the swap area full: delete the oldest idle session of
+        the uid most over its share (session_evictor.py), one per step."""
+        full = self.tier.stats.errors.get("full", 0)
+        if full == self._full_seen:
+            return
+        self._full_seen = full
+        st = self.tier.swap.statistics()
+        victim = pick_victim(self.sessions, self.tier.stored_sessions(), st.capacity_bytes,
+                             st.block_bytes, self.cfg.swap_quota_per_uid)
+        if victim is None:
+            return
+        log.warning("swap area full: deleting session %s of uid %s, the oldest idle one of the uid "
+                    "most over its share (%d bytes over); raise --swap-size or lower "
+                    "max_sessions_per_uid", victim.session_id, victim.owner, victim.over_share_bytes)
+        self._cmd_delete(victim.session_id, outputs=outputs)
 
     def _execute(self, scheduled: list, copies: list, outputs: dict):
         """Run the model on the batch. When it raises, run each request alone to find the
@@ -357,6 +383,10 @@ class Engine:
             tenant = s.owner                  # a session's KV is its owner's, whoever sends the turn
             if s.busy:
                 raise RequestError(f"session {session_id!r} already has a turn in flight; wait for it to finish")
+            bad = next((t for t in s.token_ids if not 0 <= t < self.spec.vocab_size), None)
+            if bad is not None:
+                raise RequestError(f"session {session_id!r} holds token id {bad}, outside the model's "
+                                   f"vocabulary; delete it (kvmm sessions rm)")
             s.busy = True
             s.last_used = time.monotonic()
             full = s.token_ids + list(prompt)
@@ -378,6 +408,10 @@ class Engine:
             return
         self._finish(req, reason="abort")
         outputs[request_id] = request_output(req)
+
+    def _cmd_imported(self, session_id, *, outputs) -> None:
+        if self.tier is not None and self.tier.has_session(session_id):
+            self.sessions.get_or_create(session_id, None)
 
     def _cmd_open(self, session_id, owner, *, outputs) -> None:
         self.sessions.get_or_create(session_id, owner)
