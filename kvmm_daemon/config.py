@@ -33,6 +33,8 @@ class EngineConfig:
     mount: str | None = None               # where the daemon mounts the swapfs FUSE view
     session_idle_s: float = 60.0           # a parked session's memory is released after this
     preemption: str = "auto"               # auto (cost model) | swap | recompute
+    share_prefix_cache: bool = False       # one prefix cache for all uids (single-tenant boards)
+    swap_quota_per_uid: int | None = None  # bytes of stored sessions one uid may hold; None = a fair share
 
     def __post_init__(self) -> None:
         self.kv_budget = parse_size(self.kv_budget, what="--kv-budget")
@@ -52,10 +54,18 @@ class EngineConfig:
         if self.threads is not None and self.threads <= 0:
             raise ConfigError(f"threads must be positive (got {self.threads})")
         self.swap_size = parse_size(self.swap_size, what="--swap-size")
+        if self.swap_quota_per_uid is not None:
+            self.swap_quota_per_uid = parse_size(self.swap_quota_per_uid, what="swap_quota_per_uid")
         if self.session_idle_s < 0:
             raise ConfigError(f"session_idle_s must not be negative (got {self.session_idle_s})")
         if self.preemption not in ("auto", "swap", "recompute"):
             raise ConfigError(f"preemption {self.preemption!r} is not one of auto, swap, recompute")
+        if isinstance(self.share_prefix_cache, str):      # from $KVMM_SHARE_PREFIX_CACHE
+            self.share_prefix_cache = {"1": True, "true": True, "yes": True, "0": False, "false": False,
+                                       "no": False}.get(self.share_prefix_cache.lower(), self.share_prefix_cache)
+        if not isinstance(self.share_prefix_cache, bool):
+            raise ConfigError(f"share_prefix_cache must be true or false (got {self.share_prefix_cache!r}); "
+                              "leave it false unless one user owns the whole board")
         if self.swap_dir is not None:
             self.swap_dir = os.fspath(self.swap_dir)
         if self.mount is not None:

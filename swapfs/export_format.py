@@ -10,9 +10,9 @@ Layout (little-endian; every section starts at a multiple of 4096):
          zero padding to header_len = roundup(16 + json_len, 4096)
   header_len              token ids, int32 × num_tokens, zero padding to a 4096 multiple
   header_len + tokens_len block i (block_bytes each, the engine's kv[block] bytes), i < num_blocks
-An import is valid only if the layout equals the importing swap space's (same model, KV
-geometry and dtype), every section has its stated size and every block its checksum; the
-owner becomes the importing user and the session id the file's name under /import.
+An import is untrusted: besides its sections' sizes and checksums, every header field,
+token id and KV value is checked (import_check.py) before it is committed; the owner
+becomes the importing user and the session id the file's name under /import.
 
 Prior art: safetensors (JSON header + raw tensors). Left out: compression, partial imports.
 """
@@ -28,6 +28,7 @@ import numpy as np
 from iosched.aligned_buffer import ALIGN, AlignedBuffer, round_up
 from swapfs import checksum
 from swapfs.errors import SwapConfigError, SwapFormatError
+from swapfs.import_check import ImportCheck, ImportPolicy, ImportRejected
 from swapfs.layout import KVLayout
 from swapfs.records import SessionInfo, SlotRef
 
@@ -104,8 +105,10 @@ class SessionImporter:
     `tokens` once the token section is (then `_phase` is "blocks");
     `staged` are slots written for blocks [0, len(staged)) and not yet committed."""
 
-    def __init__(self, space, session_id: str, owner_uid: int) -> None:
+    def __init__(self, space, session_id: str, owner_uid: int,
+                 policy: ImportPolicy | None = None) -> None:
         self.space, self.session_id, self.owner_uid = space, session_id, owner_uid
+        self.check = ImportCheck(space.layout, policy or ImportPolicy(), f"import of {session_id!r}")
         self.block_bytes = space.layout.block_bytes
         self.received = 0
         self.meta: dict | None = None
@@ -162,6 +165,7 @@ class SessionImporter:
             assert self._phase == "tokens"
             n = self.meta["num_tokens"]
             self.tokens = np.frombuffer(bytes(self._pending[:4 * n]), dtype="<i4").tolist()
+            self.check.tokens(self.tokens)
             self._pending = bytearray()
             self._phase = "blocks"
 
@@ -173,12 +177,16 @@ class SessionImporter:
             raise SwapFormatError(f"{where}: header checksum mismatch (file damaged)")
         try:
             meta = json.loads(text)
+        except ValueError as exc:
+            raise ImportRejected(where, "header", f"is not JSON ({exc})") from None
+        self.check.header(meta)
+        try:
             layout = KVLayout(**meta["layout"])
             nblocks, nkv, ntok = meta["num_blocks"], meta["num_kv_tokens"], meta["num_tokens"]
             crcs = [int(c, 16) for c in meta["block_checksums"]]
             fn = checksum.get(meta["checksum"])
         except SwapConfigError as exc:
-            raise SwapFormatError(f"{where}: {exc}") from None
+            raise ImportRejected(where, "checksum", f"is not usable ({exc})") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise SwapFormatError(f"{where}: header is not valid ({exc})") from None
         if layout != self.space.layout:
@@ -212,6 +220,7 @@ class SessionImporter:
             if self._checksum(block) != self._crcs[index]:
                 raise SwapFormatError(f"import of {self.session_id!r}: block {index} checksum"
                                       " mismatch (file damaged)")
+            self.check.block(index, block)
             if self._batched == _STAGE_BLOCKS * self.block_bytes:
                 self._flush()
         return view[take:]

@@ -90,11 +90,11 @@ def clean_stale_mount(mountpoint: str) -> None:
 
 async def serve_fuse(space: SwapSpace, mountpoint: str, *, allow_other: bool = False,
                      limiter: trio.CapacityLimiter | None = None, remount_delay: float = 1.0,
-                     max_remounts: int = 10, session_namer=None,
+                     max_remounts: int = 10, session_namer=None, hooks=None,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount the view of `space` at `mountpoint` and serve it until cancelled (then unmount)
     or unmounted from outside. `task_status.started(ops)` once the first mount is up."""
-    ops = SwapFsOperations(space, limiter, session_namer)
+    ops = SwapFsOperations(space, limiter, session_namer, hooks)
     options = {f"fsname={FSNAME}", "subtype=kvmm", "default_permissions", "auto_unmount",
                "noatime"}
     if allow_other:

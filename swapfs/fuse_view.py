@@ -5,7 +5,9 @@
   /prefixes/<hash>/meta.json a prefix-cache block: hash, slot, times
   /prefixes/<hash>/kv.bin    its raw KV bytes (the engine's kv[block] layout)
   /import/<name>             write an export file here to restore it as session <name>;
-                             validated when closed (close() fails with EINVAL/EEXIST/ENOSPC)
+                             every field is checked (import_check.py): a bad file fails
+                             write/close with EINVAL, one over the uid's quota with EDQUOT,
+                             a full swap area with ENOSPC, a taken name with EEXIST
 Permissions (mounted with default_permissions, so the kernel enforces them): a session dir
 is 0700 and its files 0400, owned by the session's owner uid; other users do not even see
 its name. /sessions is sticky (1777) so owners can `rm -r` their sessions; prefixes are
@@ -40,6 +42,7 @@ from swapfs.errors import SwapError, SwapNotFoundError
 from swapfs.export_format import ExportReader, SessionImporter, build_preamble
 from swapfs.sessions import check_session_id
 from swapfs.swap_space import SwapSpace
+from swapfs.view_hooks import ViewHooks
 
 log = logging.getLogger("kvmm.swapfs")
 
@@ -93,9 +96,10 @@ class SwapFsOperations(pyfuse3.Operations):
     supports_dot_lookup = False
 
     def __init__(self, space: SwapSpace, limiter: trio.CapacityLimiter | None = None,
-                 session_namer=None) -> None:
+                 session_namer=None, hooks: ViewHooks | None = None) -> None:
         super().__init__()
         self.space = space
+        self.hooks = hooks or ViewHooks()
         # (uid, file name written into /import) -> the session id it is restored as; the
         # daemon namespaces session ids by owner ("<uid>:<name>")
         self.session_namer = session_namer or (lambda uid, name: name)
@@ -404,10 +408,12 @@ class SwapFsOperations(pyfuse3.Operations):
             raise _err(errno.EEXIST)
         except SwapNotFoundError:
             pass
-        imp = SessionImporter(self.space, session_id, ctx.uid)
+        if self.hooks.import_allowed is not None:       # OSError(EDQUOT) when over its quota
+            self.hooks.import_allowed(ctx.uid, *self._pending_imports(ctx.uid, None))
+        imp = SessionImporter(self.space, session_id, ctx.uid, self.hooks.import_policy)
         self._imports[name] = imp
         fh = self._new_handle(kind="import", importer=imp, name=name, lock=trio.Lock(),
-                              error=None)
+                              error=None, uid=ctx.uid, quota_checked=False)
         ino = self._ino(("ifile", name))
         self._lookups[ino] += 1
         fi = pyfuse3.FileInfo(fh=fh)
@@ -423,11 +429,31 @@ class SwapFsOperations(pyfuse3.Operations):
             raise _err(h["error"])
         async with h["lock"]:
             try:
-                return await self._run(h["importer"].write, off, buf)
+                n = await self._run(h["importer"].write, off, buf)
             except SwapError as exc:
                 h["error"] = exc.errno
                 log.warning("swapfs: %s", exc)
                 raise
+            imp = h["importer"]
+            if imp.meta is not None and not h["quota_checked"] and self.hooks.import_allowed:
+                h["quota_checked"] = True
+                try:
+                    self.hooks.import_allowed(h["uid"], *self._pending_imports(h["uid"], imp))
+                except OSError as exc:
+                    h["error"] = exc.errno
+                    log.warning("swapfs: import of %r refused: %s", imp.session_id, exc.strerror)
+                    raise
+            return n
+
+    def _pending_imports(self, uid: int, this) -> tuple[int, int]:
+        """(sessions, swap bytes) that `uid`'s open imports will add, `this` one included
+        (counted as a new one when None)."""
+        mine = [i for i in self._imports.values() if i.owner_uid == uid and not i.done]
+        if this is None:
+            mine.append(None)
+        nbytes = sum(i.meta["num_blocks"] * i.block_bytes for i in mine
+                     if i is not None and i.meta is not None)
+        return len(mine), nbytes
 
     @_guard
     async def flush(self, fh):
@@ -445,6 +471,8 @@ class SwapFsOperations(pyfuse3.Operations):
                 raise
         log.info("swapfs: imported session %r (%d tokens) for uid %d", info.session_id,
                  info.num_tokens, info.owner_uid)
+        if self.hooks.session_imported is not None:
+            await self.hooks.session_imported(info.session_id)
 
     @_guard
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -476,7 +504,12 @@ class SwapFsOperations(pyfuse3.Operations):
             if key[0] == "sdir":
                 info = await self._run(self.space.session_info, key[1])
                 owner = info.owner_uid
-                await self._run(self.space.delete_session, key[1])
+                if self.hooks.session_deleted is not None:     # the engine first: it aborts
+                    await self.hooks.session_deleted(key[1])    # a running turn, frees the KV
+                try:
+                    await self._run(self.space.delete_session, key[1])
+                except SwapNotFoundError:
+                    pass                                        # the engine deleted it
             else:
                 owner = 0
                 if not await self._run(self.space.drop_prefix_blocks,

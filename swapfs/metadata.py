@@ -7,6 +7,8 @@ Tables:
   prefixes(hash, slot_id, created, last_used)      prefix-cache blocks by chained hash
   sessions(session_id, owner_uid, token_ids, num_kv_tokens, created, last_used)
   session_blocks(session_id, idx, slot_id)         the session's blocks in order
+  tags(key, value)           facts about the content that do not change the layout (e.g.
+                             the prefix hash scheme its prefix blocks were stored under)
 crc is the slot's u64 payload checksum (stored as signed INTEGER). Every change is one
 transaction, and the caller commits only after fdatasync of the slot data it references,
 so after a SIGKILL or power loss at any instant the database is either the old or the new
@@ -45,6 +47,7 @@ CREATE TABLE IF NOT EXISTS session_blocks(
   session_id TEXT NOT NULL REFERENCES sessions(session_id) ON DELETE CASCADE,
   idx INTEGER NOT NULL, slot_id INTEGER NOT NULL UNIQUE REFERENCES slots(slot_id),
   PRIMARY KEY(session_id, idx));
+CREATE TABLE IF NOT EXISTS tags(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -168,7 +171,19 @@ class Metadata:
                                     " ORDER BY session_id", (owner_uid,))
         return [r[0] for r in rows]
 
+    def tag(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM tags WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
     # -- writing ----------------------------------------------------------------------------
+
+    def retag_prefixes(self, key: str, value: str, removed: Sequence[tuple[bytes, int]]) -> None:
+        """Drop (hash, slot_id) prefix entries and set tag `key` in one transaction."""
+        self._tx("retagging prefix blocks", [
+            ("DELETE FROM prefixes WHERE hash = ?", [(h,) for h, _s in removed]),
+            ("DELETE FROM slots WHERE slot_id = ?", [(s,) for _h, s in removed]),
+            ("INSERT OR REPLACE INTO tags(key, value) VALUES (?, ?)", [(key, value)]),
+        ])
 
     def commit_prefixes(self, added: Sequence[tuple[bytes, SlotRecord, float]],
                         removed: Sequence[tuple[bytes, int]],

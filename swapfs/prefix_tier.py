@@ -173,3 +173,20 @@ class PrefixMethods:
             self._pin([info.slot_id])
             ref = SlotRef(info.slot_id, info.generation, self._owner[info.slot_id].crc)
             return Snapshot((ref,), prefix=info)
+
+    # -- the hash scheme (issue 8: tenant-salted chains) -----------------------------------
+
+    def adopt_prefix_scheme(self, scheme: str) -> int:
+        """Record that prefix blocks are keyed by `scheme` from now on; every block stored
+        under another (or no recorded) scheme is dropped, never served. Returns how many."""
+        with self._lock:
+            if self._meta.tag("prefix_hash_scheme") == scheme:
+                return 0
+            victims = list(self._prefix.items())
+            self._meta.retag_prefixes("prefix_hash_scheme", scheme, victims)
+            for h, _slot in victims:
+                del self._prefix[h]
+                del self._prefix_times[h]
+                self._touched.discard(h)
+            self._release([slot for _h, slot in victims])
+            return len(victims)

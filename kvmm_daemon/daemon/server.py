@@ -44,6 +44,7 @@ from kvmm_daemon.daemon.config import DaemonConfig
 from kvmm_daemon.daemon.connection import Connection
 from kvmm_daemon.daemon.engine_loop import ABORTED, EngineLoop
 from kvmm_daemon.daemon.metrics import Metrics
+from kvmm_daemon.daemon.quotas import SessionLedger
 from kvmm_daemon.daemon.sessions import SessionDirectory, owner_of, session_ref
 from kvmm_daemon.engine.outputs import OutputAccumulator
 from kvmm_daemon.engine.sampling_params import SamplingParams
@@ -132,7 +133,7 @@ class Server:
       draining: no new generate is accepted once set (SIGTERM received).
     """
 
-    def __init__(self, cfg: DaemonConfig, engine: Any, *, block_size: int,
+    def __init__(self, cfg: DaemonConfig, engine: Any, *, block_size: int, kv_block_bytes: int = 0,
                  watchdog=lambda: None, ping_interval_s: float | None = None):
         self.cfg = cfg
         self.engine = engine
@@ -140,7 +141,11 @@ class Server:
         self.loop = EngineLoop(engine, watchdog=watchdog, ping_interval_s=ping_interval_s)
         self.metrics = Metrics(lambda: self.engine.statistics().as_dict())
         self.limits = UidLimits(cfg.max_requests_per_uid, cfg.max_kv_blocks_per_uid)
-        self.sessions = SessionDirectory(engine, self.loop, cfg.max_sessions_per_uid)
+        self.quotas = SessionLedger(engine, lambda: self.loop.statistics().steps,
+                                    max_sessions=cfg.max_sessions_per_uid,
+                                    quota_bytes=getattr(getattr(engine, "cfg", None), "swap_quota_per_uid", None),
+                                    block_bytes=kv_block_bytes, block_size=block_size)
+        self.sessions = SessionDirectory(engine, self.loop, self.quotas)
         self.records: dict[str, RequestRecord] = {}   # listed and cancellable requests
         self.handlers = 0      # generate handlers running (a retired request may still be replying)
         self.conns: dict[int, Connection] = {}
@@ -369,6 +374,10 @@ class Server:
         except RequestError as exc:
             raise P.ProtocolError(P.ErrorCode.INVALID_REQUEST, str(exc)) from None
         blocks = blocks_needed(len(prompt_ids), params.max_tokens, params.num_choices, self.block_size)
+        if session_id is not None:          # the turn grows the session stored on flash
+            why = self.quotas.room_for(owner_of(session_id), 0, blocks * self.quotas.block_bytes)
+            if why is not None:
+                raise P.ProtocolError(P.ErrorCode.LIMIT_EXCEEDED, why)
         self.limits.admit(who.uid, blocks)
         return prompt_ids, session_id, blocks
 

@@ -39,7 +39,8 @@ async def serve_engine(cfg: DaemonConfig, engine: Any, listener: Listener, notif
 
     `task_status.started(server)` fires once the sockets accept and READY=1 has been sent."""
     server = Server(cfg, engine, block_size=cfg.engine.block_size, watchdog=notifier.watchdog,
-                    ping_interval_s=notifier.ping_interval_s)
+                    ping_interval_s=notifier.ping_interval_s,
+                    kv_block_bytes=engine.runner.kv_cache.block_bytes if hasattr(engine, "runner") else 0)
     http = None
     if http_listeners:
         api = OpenAIApi(server, model=model_id(cfg.engine.model), api_keys=cfg.api_key_uids(),
@@ -53,7 +54,8 @@ async def serve_engine(cfg: DaemonConfig, engine: Any, listener: Listener, notif
                 await nursery.start(http.serve, lst.sock)
                 log.info("OpenAI-compatible HTTP API on %s", lst.path)
             if cfg.engine.mount and getattr(engine, "tier", None) is not None:
-                await nursery.start(serve_view, engine.tier.swap, cfg.engine.mount)
+                await nursery.start(serve_view, engine.tier.swap, cfg.engine.mount,
+                                    view_hooks(server, engine))
             notifier.ready(f"serving on {listener.path}")
             log.info("serving on %s (pid uid checks via SO_PEERCRED, watchdog %s)", listener.path,
                      f"every {notifier.ping_interval_s:.1f} s" if notifier.ping_interval_s else "off")
@@ -69,7 +71,20 @@ async def serve_engine(cfg: DaemonConfig, engine: Any, listener: Listener, notif
     log.info("stopped")
 
 
-async def serve_view(space, mountpoint: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+def view_hooks(server: Server, engine: Any):
+    """What the view tells the engine and the quotas: imports are checked against the model
+    and counted, `rm -r` deletes in the engine (aborting a running turn), an import is listed
+    at once."""
+    from swapfs.import_check import ImportPolicy
+    from swapfs.view_hooks import ViewHooks
+    return ViewHooks(import_policy=ImportPolicy(engine.spec.vocab_size, engine.cfg.max_model_len - 1),
+                     import_allowed=server.quotas.check_import,
+                     session_deleted=server.sessions.drop,
+                     session_imported=server.sessions.imported)
+
+
+async def serve_view(space, mountpoint: str, hooks=None, *,
+                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """The swapfs FUSE view, which must never take the service down: a mount that fails,
     is aborted too often or is unmounted from outside leaves the daemon serving (and the
     flash tier working) without its view, with the reason in the log."""
@@ -85,7 +100,8 @@ async def serve_view(space, mountpoint: str, *, task_status=trio.TASK_STATUS_IGN
     status = _Started()
     try:
         await serve_fuse(space, mountpoint, allow_other=os.geteuid() == 0, task_status=status,
-                         session_namer=lambda uid, name: f"{uid}:{name}")   # the server's session ids
+                         session_namer=lambda uid, name: f"{uid}:{name}",   # the server's session ids
+                         hooks=hooks)
     except Exception:
         log.exception("swapfs view at %s failed; serving on without it", mountpoint)
     if not status.done:

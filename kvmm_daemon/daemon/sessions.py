@@ -7,7 +7,8 @@ anybody's as "uid:name", and lists show other uids' sessions that way.
 
 Mechanism only: the engine stores and applies sessions (opening and deleting are queued and
 take effect at its next step; `EngineLoop.barrier` waits for that), this module resolves
-names, checks ownership and the per-uid count.
+names, checks ownership and the per-uid count — against the SessionLedger (quotas.py),
+which counts a session the moment it is admitted, not the engine's per-step snapshot.
 """
 from __future__ import annotations
 
@@ -45,13 +46,13 @@ class SessionDirectory:
     """Open, list and delete sessions on behalf of peers.
 
     Attributes: engine (holds the sessions), loop (its EngineLoop, for `barrier`),
-    max_per_uid (sessions one uid may have open).
+    ledger (the SessionLedger counting sessions and stored bytes per uid).
     """
 
-    def __init__(self, engine: Any, loop: Any, max_per_uid: int):
+    def __init__(self, engine: Any, loop: Any, ledger: Any):
         self.engine = engine
         self.loop = loop
-        self.max_per_uid = max_per_uid
+        self.ledger = ledger
 
     def all(self) -> list[dict[str, Any]]:
         return [{"session_id": s.session_id, "owner_uid": owner_of(s.session_id),
@@ -62,22 +63,22 @@ class SessionDirectory:
         return [dict(s, session=session_ref(who, s["session_id"]))
                 for s in self.all() if who.may_access(s["owner_uid"])]
 
-    def _check_room(self, uid: int, sessions: list[dict[str, Any]]) -> None:
-        held = sum(s["owner_uid"] == uid for s in sessions)
-        if held >= self.max_per_uid:
-            raise P.ProtocolError(P.ErrorCode.LIMIT_EXCEEDED,
-                                  f"uid {uid} has {held} sessions open, the limit "
-                                  f"(max_sessions_per_uid); delete one with kvmm sessions rm ID")
+    def _admit(self, uid: int, engine_id: str) -> None:
+        """Count a new session of `uid` now (LIMIT_EXCEEDED when over its quota) and queue
+        its opening in the engine."""
+        why = self.ledger.room_for(uid)
+        if why is not None:
+            raise P.ProtocolError(P.ErrorCode.LIMIT_EXCEEDED, why)
+        self.ledger.add(engine_id)
+        self.engine.open_session(engine_id, owner=uid)
 
     async def open(self, who: PeerCredentials, name: str | None) -> str:
-        sessions = self.all()
-        self._check_room(who.uid, sessions)
         name = name or f"s{secrets.token_hex(4)}"
         engine_id = f"{who.uid}:{name}"
-        if engine_id in {s["session_id"] for s in sessions}:
+        if engine_id in self.ledger or engine_id in {s["session_id"] for s in self.all()}:
             raise P.ProtocolError(P.ErrorCode.CONFLICT, f"session {name} already exists; "
                                   f"pick another name or delete it first")
-        self.engine.open_session(engine_id, owner=who.uid)
+        self._admit(who.uid, engine_id)
         await self.loop.barrier()
         return name
 
@@ -86,16 +87,26 @@ class SessionDirectory:
         yet (as `kvmm run --session` does); the open is queued before the request, so the
         engine applies it first."""
         engine_id = resolve(who, ref)
-        sessions = self.all()
-        if engine_id not in {s["session_id"] for s in sessions}:
-            uid = owner_of(engine_id)
-            self._check_room(uid, sessions)
-            self.engine.open_session(engine_id, owner=uid)
+        if engine_id not in self.ledger and engine_id not in {s["session_id"] for s in self.all()}:
+            self._admit(owner_of(engine_id), engine_id)
         return engine_id
 
     async def delete(self, who: PeerCredentials, ref: str) -> None:
         engine_id = resolve(who, ref)
-        if engine_id not in {s["session_id"] for s in self.all()}:
+        if engine_id not in self.ledger and engine_id not in {s["session_id"] for s in self.all()}:
             raise P.ProtocolError(P.ErrorCode.NOT_FOUND, f"no session {ref}; list them with kvmm sessions ls")
+        await self.drop(engine_id)
+
+    async def drop(self, engine_id: str) -> None:
+        """Delete a session in the engine (a running turn of it is aborted) and stop counting
+        it; returns once the engine has applied it."""
+        self.ledger.forget(engine_id)
         self.engine.delete_session(engine_id)
+        await self.loop.barrier()
+
+    async def imported(self, engine_id: str) -> None:
+        """An import committed `engine_id` on flash: count it and list it in the engine at
+        once (returns after the engine step that registers it)."""
+        self.ledger.add(engine_id)
+        self.engine.session_imported(engine_id)
         await self.loop.barrier()

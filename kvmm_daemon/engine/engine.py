@@ -19,6 +19,8 @@ import os
 import threading
 import time
 
+import torch
+
 from kvmm_daemon.config import EngineConfig
 from kvmm_daemon.engine import choices
 from kvmm_daemon.engine.engine_stats import EngineStats, SessionInfo
@@ -30,10 +32,12 @@ from kvmm_daemon.engine.prompts import PromptEncoder
 from kvmm_daemon.engine.sampling_params import SamplingParams
 from kvmm_daemon.engine.scheduler import Scheduler
 from kvmm_daemon.engine.sequence import Request, RequestStatus, Sequence, next_seq_id
+from kvmm_daemon.engine.session_evictor import pick_victim
 from kvmm_daemon.engine.sessions import SessionTable
 from kvmm_daemon.engine.stop_checker import StopChecker
 from kvmm_daemon.errors import CapacityError, RequestError
 from kvmm_daemon.kv.kv_manager import KVCacheManager
+from kvmm_daemon.kv.tenant import PREFIX_HASH_SCHEME, tenant_root
 
 log = logging.getLogger("kvmm.engine")
 
@@ -62,6 +66,13 @@ class Engine:
         self._inbox: list[tuple] = []
         self._steps = 0
         self._tokens_computed = 0
+        self._full_seen = 0          # the flash tier's "full" errors already answered by eviction
+        if self.tier is not None:
+            dropped = swap.adopt_prefix_scheme(PREFIX_HASH_SCHEME)
+            if dropped:
+                log.warning("flash tier: discarded %d prefix blocks stored under an older hash scheme "
+                            "(not salted per tenant, so nobody may read them); they are recomputed "
+                            "on demand", dropped)
         self.sessions.load_stored()         # sessions committed to flash survive restarts
         self._snapshot: EngineStats = self._take_snapshot()
 
@@ -123,6 +134,12 @@ class Engine:
         with self._lock:
             self._inbox.append(("delete", session_id))
 
+    def session_imported(self, session_id: str) -> None:
+        """A session was committed to flash behind the engine's back (an import through the
+        view): list it from the next step on."""
+        with self._lock:
+            self._inbox.append(("imported", session_id))
+
     def list_sessions(self) -> list[SessionInfo]:
         return list(self._snapshot.sessions)
 
@@ -160,46 +177,128 @@ class Engine:
     # --- the step --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One iteration. Whatever one request's data makes go wrong (scheduling, hashing,
+        the model step, sampling) fails that request alone: it ends with an error, its blocks
+        are freed, and every other request of the batch goes on."""
         outputs: dict[str, RequestOutput] = {}
         self._apply_inbox(outputs)
         sched = self.scheduler.schedule()
-        if sched.scheduled:
-            chunks = [ScheduledChunk(s.seq.token_ids, s.start, s.num_tokens,
-                                     self.kv.block_table(s.seq.seq_id), s.reaches_end)
-                      for s in sched.scheduled]
+        for req, exc in sched.failed:
+            self._fail(req, "scheduling", exc, outputs)
+        scheduled = sched.scheduled
+        if scheduled:
             t0 = time.perf_counter()
-            try:
-                logits = self.runner.execute(chunks, self.kv.take_pending_copies())
-            except Exception as exc:   # a bug or a broken model must not take the service down
-                log.exception("model step failed; failing the %d requests in it", len(chunks))
-                for req in {s.request.request_id: s.request for s in sched.scheduled}.values():
-                    req.error = f"the engine failed while computing this request: {exc}"
-                    self._finish(req, reason="error")
-                    outputs[req.request_id] = request_output(req)
-                self._snapshot = self._take_snapshot()
-                return list(outputs.values())
-            if self.tier is not None:
-                self.tier.record_prefill(sched.num_tokens - len(chunks), time.perf_counter() - t0)
-            self._steps += 1
-            self._tokens_computed += sched.num_tokens
-            for s in sched.scheduled:
-                self.kv.commit(s.seq.seq_id, s.num_tokens)
-                s.seq.num_computed_tokens += s.num_tokens
+            scheduled, logits = self._execute(scheduled, self.kv.take_pending_copies(), outputs)
+            if self.tier is not None and scheduled:
+                self.tier.record_prefill(sum(s.num_tokens for s in scheduled) - len(scheduled),
+                                         time.perf_counter() - t0)
+            if scheduled:
+                self._steps += 1
             row = 0
-            by_req: dict[str, list[int]] = {}
-            for s in sched.scheduled:
+            by_req: dict[str, tuple[Request, list[int]]] = {}
+            for s in scheduled:
+                self._tokens_computed += s.num_tokens
                 if s.reaches_end:
-                    by_req.setdefault(s.request.request_id, []).append(row)
+                    by_req.setdefault(s.request.request_id, (s.request, []))[1].append(row)
                     row += 1
-            for rid, rows in by_req.items():
-                req = self.requests[rid]
-                self._advance(req, logits[rows])
-                outputs[rid] = request_output(req)
+            committed = self._commit(scheduled, outputs)
+            for rid, (req, rows) in by_req.items():
+                if rid not in committed:
+                    continue
+                try:
+                    self._advance(req, logits[rows])
+                    outputs[rid] = request_output(req)
+                except Exception as exc:
+                    self._fail(req, "sampling", exc, outputs)
         if self.tier is not None:
             self.tier.flush()
             self.sessions.offload_idle(self.cfg.session_idle_s)
+            self._evict_if_full(outputs)
         self._snapshot = self._take_snapshot()
         return list(outputs.values())
+
+    def _evict_if_full(self, outputs: dict) -> None:
+        """After a session save found the swap area full: delete the oldest idle session of
+        the uid most over its share (session_evictor.py), one per step."""
+        full = self.tier.stats.errors.get("full", 0)
+        if full == self._full_seen:
+            return
+        self._full_seen = full
+        st = self.tier.swap.statistics()
+        victim = pick_victim(self.sessions, self.tier.stored_sessions(), st.capacity_bytes,
+                             st.block_bytes, self.cfg.swap_quota_per_uid)
+        if victim is None:
+            return
+        log.warning("swap area full: deleting session %s of uid %s, the oldest idle one of the uid "
+                    "most over its share (%d bytes over); raise --swap-size or lower "
+                    "max_sessions_per_uid", victim.session_id, victim.owner, victim.over_share_bytes)
+        self._cmd_delete(victim.session_id, outputs=outputs)
+
+    def _execute(self, scheduled: list, copies: list, outputs: dict):
+        """Run the model on the batch. When it raises, run each request alone to find the
+        ones it fails for (rewriting the same KV slots is harmless) and fail only those.
+        Returns the scheduled items that ran and their logits."""
+        def chunks(items):
+            return [ScheduledChunk(s.seq.token_ids, s.start, s.num_tokens,
+                                   self.kv.block_table(s.seq.seq_id), s.reaches_end) for s in items]
+        try:
+            return scheduled, self.runner.execute(chunks(scheduled), copies)
+        except Exception as exc:   # bad data of one request, a bug or a broken model
+            groups: dict[str, list] = {}
+            for s in scheduled:
+                groups.setdefault(s.request.request_id, []).append(s)
+            if len(groups) == 1:
+                self._fail(scheduled[0].request, "the model step", exc, outputs)
+                return [], None
+            log.warning("model step of %d requests failed (%s: %s); running each alone to find "
+                        "the culprit", len(groups), type(exc).__name__, exc)
+        kept, parts = [], []
+        for items in groups.values():
+            try:
+                part = self.runner.execute(chunks(items), copies)
+            except Exception as exc:
+                self._fail(items[0].request, "the model step", exc, outputs)
+                continue
+            kept += items
+            parts.append(part)
+        return kept, (torch.cat(parts) if parts else None)
+
+    def _commit(self, scheduled: list, outputs: dict) -> set[str]:
+        """Record the KV just written (hashing blocks that filled); ids of requests that
+        committed (a request whose hashing raised is failed instead)."""
+        ok: set[str] = set()
+        failed: set[str] = set()
+        for s in scheduled:
+            rid = s.request.request_id
+            if rid in failed:
+                continue
+            try:
+                self.kv.commit(s.seq.seq_id, s.num_tokens)
+                s.seq.num_computed_tokens += s.num_tokens
+            except Exception as exc:
+                failed.add(rid)
+                ok.discard(rid)
+                self._fail(s.request, "block hashing", exc, outputs)
+                continue
+            ok.add(rid)
+        return ok
+
+    def _fail(self, req: Request, stage: str, exc: Exception, outputs: dict) -> None:
+        """End one request with an error naming the stage; its blocks are freed (the
+        scheduler's `remove` is idempotent, so a request it already dropped is fine)."""
+        log.warning("request %s (uid %s) failed in %s, the others go on: %s: %s",
+                    req.request_id, req.owner, stage, type(exc).__name__, exc)
+        req.error = (f"the engine failed while computing this request ({stage}: {exc}); "
+                     "check its prompt or session")
+        if req.request_id not in self.requests:
+            return
+        try:
+            self._finish(req, reason="error")
+            outputs[req.request_id] = request_output(req)
+        except Exception:
+            log.exception("cleaning up failed request %s", req.request_id)
+            self.requests.pop(req.request_id, None)
+            outputs[req.request_id] = error_output(req.request_id, len(req.prompt_token_ids), req.error)
 
     def _advance(self, req: Request, logits) -> None:
         now = time.perf_counter()
@@ -265,15 +364,29 @@ class Engine:
             except RequestError as exc:
                 if cmd[0] == "add":
                     outputs[cmd[1]] = error_output(cmd[1], len(cmd[2]), str(exc))
+            except Exception as exc:     # one command's data must not stop the others
+                log.warning("engine command %s %r failed: %s: %s", cmd[0], cmd[1], type(exc).__name__, exc)
+                if cmd[0] == "add":
+                    req = self.requests.get(cmd[1])
+                    if req is not None:
+                        self._fail(req, "admission", exc, outputs)
+                    else:
+                        outputs[cmd[1]] = error_output(cmd[1], len(cmd[2]), f"the engine could not admit this request: {exc}")
 
     def _cmd_add(self, request_id, prompt, params, session_id, owner, *, outputs) -> None:
         self._check_fits(len(prompt), params, session_id)
         seq = Sequence(seq_id=next_seq_id(), token_ids=list(prompt), num_prompt_tokens=len(prompt))
         req = Request(request_id, list(prompt), params, [seq], session_id=session_id, owner=owner)
+        tenant = owner
         if session_id is not None:
             s = self.sessions.get_or_create(session_id, owner)
+            tenant = s.owner                  # a session's KV is its owner's, whoever sends the turn
             if s.busy:
                 raise RequestError(f"session {session_id!r} already has a turn in flight; wait for it to finish")
+            bad = next((t for t in s.token_ids if not 0 <= t < self.spec.vocab_size), None)
+            if bad is not None:
+                raise RequestError(f"session {session_id!r} holds token id {bad}, outside the model's "
+                                   f"vocabulary; delete it (kvmm sessions rm)")
             s.busy = True
             s.last_used = time.monotonic()
             full = s.token_ids + list(prompt)
@@ -285,6 +398,7 @@ class Engine:
                 seq.num_computed_tokens = self.kv.num_computed_tokens(s.seq_id)
                 req.num_cached_prompt_tokens = seq.num_computed_tokens
             s.seq_id = None
+        req.cache_root = tenant_root(tenant, shared=self.cfg.share_prefix_cache)
         self.requests[request_id] = req
         self.scheduler.add(req)
 
@@ -294,6 +408,10 @@ class Engine:
             return
         self._finish(req, reason="abort")
         outputs[request_id] = request_output(req)
+
+    def _cmd_imported(self, session_id, *, outputs) -> None:
+        if self.tier is not None and self.tier.has_session(session_id):
+            self.sessions.get_or_create(session_id, None)
 
     def _cmd_open(self, session_id, owner, *, outputs) -> None:
         self.sessions.get_or_create(session_id, owner)

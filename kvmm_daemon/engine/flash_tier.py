@@ -199,7 +199,7 @@ class FlashTier:
         if first >= max_blocks:
             return 0
         hashes = self.kv.block_hashes(seq.seq_id)[:first]
-        parent = hashes[-1] if hashes else None
+        parent = hashes[-1] if hashes else self.kv.root_hash(seq.seq_id)
         want = []
         for i in range(first, max_blocks):
             parent = hash_block(parent, seq.token_ids[i * self.bs:(i + 1) * self.bs], self.kv.model_id)

@@ -13,6 +13,11 @@ cheaper alternative (write the blocks out instead) — the scheduler only calls 
 
 Mechanism stays in the KV manager: it answers and acts, returning None when short; every
 decision about whom to stop is made here.
+
+Failure containment: anything one request's data makes go wrong while it is admitted or given
+its slots (a token id the hash rejects, a flash restore that raises) takes that request out
+of the queues, frees its blocks and reports it in `SchedulerOutput.failed`; the other
+requests are scheduled as if it had never been there.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    failed: list[tuple[Request, Exception]] = field(default_factory=list)   # removed, blocks freed
 
     @property
     def num_tokens(self) -> int:
@@ -103,7 +109,12 @@ class Scheduler:
             req = self.running[i]
             if len(req.seqs) > budget:
                 break
-            if self._schedule_running(req, budget, out):
+            try:
+                kept = self._schedule_running(req, budget, out)
+            except Exception as exc:       # this request's data broke it: fail it alone
+                self._fail(req, exc, out)
+                continue
+            if kept:
                 budget -= sum(s.num_tokens for s in out.scheduled if s.request is req)
                 i += 1
             # else: req itself was preempted and removed from running; i stays
@@ -111,7 +122,12 @@ class Scheduler:
             req = self.waiting[0]
             if self._num_running_seqs() + len(req.seqs) > self.max_num_seqs or len(req.seqs) > budget:
                 break
-            if not self._admit(req):
+            try:
+                admitted = self._admit(req)
+            except Exception as exc:
+                self._fail(req, exc, out)
+                continue
+            if not admitted:
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
@@ -157,7 +173,7 @@ class Scheduler:
         for seq in req.seqs:
             if seq.seq_id in self.kv:          # adopted session KV: already holds its blocks
                 continue
-            while (res := self.kv.allocate(seq.seq_id, seq.token_ids)) is None:
+            while (res := self.kv.allocate(seq.seq_id, seq.token_ids, req.cache_root)) is None:
                 if not self.release_idle():
                     for s in allocated:
                         self.kv.free(s.seq_id)
@@ -170,6 +186,19 @@ class Scheduler:
         if req.num_cached_prompt_tokens < 0:
             req.num_cached_prompt_tokens = min(req.seqs[0].num_computed_tokens, req.num_prompt_tokens)
         return True
+
+    def _fail(self, req: Request, exc: Exception, out: SchedulerOutput) -> None:
+        """Take a request whose scheduling raised out of the queues with its blocks freed."""
+        out.scheduled = [s for s in out.scheduled if s.request is not req]
+        try:
+            self.remove(req)
+        except Exception:          # its bookkeeping is what broke: free what can be freed
+            self.running = [r for r in self.running if r is not req]
+            self.waiting = deque(r for r in self.waiting if r is not req)
+            for seq in req.seqs:
+                if seq.seq_id in self.kv:
+                    self.kv.free(seq.seq_id)
+        out.failed.append((req, exc))
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         """Free every block (after writing them to flash when the tier finds swapping cheaper

@@ -14,6 +14,7 @@ import torch
 from kvmm_daemon.engine.model_runner import ScheduledChunk
 from kvmm_daemon.engine.sequence import next_seq_id
 from kvmm_daemon.errors import CapacityError, RequestError
+from kvmm_daemon.kv.tenant import tenant_root
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +41,7 @@ def score(engine, token_ids: list[int]) -> ScoreResult:
                            "shorten the text or raise --max-model-len")
     kv, runner = engine.kv, engine.runner
     seq_id = next_seq_id()
-    if kv.allocate(seq_id, token_ids) is None:
+    if kv.allocate(seq_id, token_ids, tenant_root(None)) is None:
         raise CapacityError(f"the KV pool cannot hold {n} tokens now; raise --kv-budget")
     try:
         # every position is recomputed, prefix-cache hits included: logits are needed everywhere

@@ -82,6 +82,7 @@ class Request:
     num_cached_prompt_tokens: int = -1   # set when the prompt's KV is first allocated
     num_preemptions: int = 0
     error: str | None = None
+    cache_root: bytes | None = None      # where its prefix-hash chain starts (kv/tenant.py)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -54,12 +54,14 @@ class _SeqKV:
       num_computed   leading tokens whose KV is written; 0 <= num_computed <= len(token_ids).
       block_hashes   chained hashes of the first num_computed // bs blocks (each block either
                      registered in the pool under that hash, or a duplicate left uncached).
+      root           the parent hash of block 0 (the tenant's root, kv/tenant.py), or None.
     """
 
     block_ids: list[int]
     token_ids: list[int]
     num_computed: int
     block_hashes: list[bytes]
+    root: bytes | None = None
 
 
 class KVCacheManager:
@@ -124,6 +126,10 @@ class KVCacheManager:
         """Tokens with a reserved slot (computed plus pending)."""
         return len(self._seq(seq_id).token_ids)
 
+    def root_hash(self, seq_id: SeqId) -> bytes | None:
+        """The parent hash of the sequence's first block (its tenant's root)."""
+        return self._seq(seq_id).root
+
     def block_hashes(self, seq_id: SeqId) -> list[bytes]:
         """Chained hashes of the sequence's full, written blocks (a copy)."""
         return list(self._seq(seq_id).block_hashes)
@@ -168,8 +174,11 @@ class KVCacheManager:
 
     # --- actions -------------------------------------------------------------------------
 
-    def allocate(self, seq_id: SeqId, token_ids: Sequence[int]) -> AllocResult | None:
-        """Admit a new sequence with its prompt; None (nothing changed) when short of blocks."""
+    def allocate(self, seq_id: SeqId, token_ids: Sequence[int],
+                 root: bytes | None = None) -> AllocResult | None:
+        """Admit a new sequence with its prompt; None (nothing changed) when short of blocks.
+        Its hash chain starts from `root` (the tenant's, kv/tenant.py): only sequences with
+        the same root share cached blocks."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} already has KV blocks; free it first")
         if len(token_ids) == 0:
@@ -178,7 +187,7 @@ class KVCacheManager:
         tokens = list(token_ids)
         max_hits = (len(tokens) - 1) // bs          # keep at least the last token to compute
         hits, hashes = [], []
-        parent = None
+        parent = root
         for i in range(max_hits):
             parent = hash_block(parent, tokens[i * bs:(i + 1) * bs], self.model_id)
             block = self.pool.get_cached_block(parent)
@@ -195,7 +204,7 @@ class KVCacheManager:
         assert new is not None
         self.pool.record_prefix_lookup(max_hits, len(hits))
         s = _SeqKV(block_ids=[b.block_id for b in hits + new], token_ids=tokens,
-                   num_computed=len(hits) * bs, block_hashes=hashes)
+                   num_computed=len(hits) * bs, block_hashes=hashes, root=root)
         self._seqs[seq_id] = s
         return AllocResult(num_cached_tokens=s.num_computed, block_table=tuple(s.block_ids))
 
@@ -233,7 +242,7 @@ class KVCacheManager:
         s.num_computed += num_tokens
         bs = self.block_size
         for i in range(len(s.block_hashes), s.num_computed // bs):
-            parent = s.block_hashes[-1] if s.block_hashes else None
+            parent = s.block_hashes[-1] if s.block_hashes else s.root
             h = hash_block(parent, s.token_ids[i * bs:(i + 1) * bs], self.model_id)
             s.block_hashes.append(h)
             block = self.pool.blocks[s.block_ids[i]]
@@ -252,7 +261,7 @@ class KVCacheManager:
         self.pool.touch(self.pool.blocks[i] for i in p.block_ids)
         self._seqs[child_id] = _SeqKV(block_ids=list(p.block_ids), token_ids=list(p.token_ids),
                                       num_computed=p.num_computed,
-                                      block_hashes=list(p.block_hashes))
+                                      block_hashes=list(p.block_hashes), root=p.root)
 
     def free(self, seq_id: SeqId) -> None:
         """Release the sequence's blocks, tail first; full hashed blocks stay cached."""

@@ -27,8 +27,12 @@ def swap_size(num_slots: int, layout: KVLayout = LAYOUT) -> int:
 
 
 def payload(seed, layout: KVLayout = LAYOUT) -> np.ndarray:
-    """Deterministic block content for any seed with a stable repr (same in every process)."""
+    """Deterministic block content for any seed with a stable repr (same in every process):
+    finite values of the layout's dtype, as real KV is (imports refuse NaN/Inf)."""
     rng = np.random.default_rng(zlib.crc32(repr(seed).encode()))
+    if layout.dtype in ("float32", "float16"):
+        n = layout.block_bytes // np.dtype(layout.dtype).itemsize
+        return rng.standard_normal(n).astype(layout.dtype).view(np.uint8)
     return rng.integers(0, 256, layout.block_bytes, dtype=np.uint8)
 
 

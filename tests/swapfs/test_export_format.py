@@ -76,7 +76,7 @@ def test_damaged_truncated_or_foreign_exports_are_refused(space, swap_dir):
     assert space.statistics().free_slots == free
     other = KVLayout(model_id="other", num_layers=2, block_size=16, num_kv_heads=2, head_dim=64)
     with SwapSpace(swap_dir + "/other", swap_size(4, other), other, calibrate=False) as sp2:
-        with pytest.raises(SwapFormatError, match="exported for"):
+        with pytest.raises(SwapFormatError, match="field layout.model_id"):
             _import(sp2, "x", bytes(data))
 
 
