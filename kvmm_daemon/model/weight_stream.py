@@ -9,8 +9,9 @@ of the next step). The forward waits only for the segment it needs; that wait is
 
 A step that skips segments (no logits wanted: the LM head is not run) is met by discarding
 the entries before the one asked for; one asked for that is not in flight resets the cycle
-there. A failed read drains the window, resets it and raises WeightReadError: the step's
-requests fail and the next step starts afresh; a wrong byte is never computed on.
+there. A prefetch found failed is read once more when it is needed (the device may have come
+back since); a read that fails then drains the window, resets it and raises WeightReadError:
+the step's requests fail and the next step starts afresh; a wrong byte is never computed on.
 """
 from __future__ import annotations
 
@@ -95,7 +96,14 @@ class StreamWindow:
         entry = self._ring.popleft()
         t0 = time.perf_counter()
         try:
-            self.io.wait(entry.request, promote=True)
+            try:
+                self.io.wait(entry.request, promote=True)
+            except IOSchedError:
+                # a prefetch may have failed long before it was needed (the device has come
+                # back since): read it again, now, before failing the step
+                rec = self.records[pos]
+                self.io.read(self.fd, rec.offset, self.slots[entry.slot][0][:rec.padded],
+                             priority=Priority.WEIGHT_READ)
         except IOSchedError as e:
             self._free.append(entry.slot)
             self.reset(pos)
