@@ -1,6 +1,6 @@
 """`kvmm bench decode`: tokens/s of the engine on the model, and what paging costs.
 
-* decode tokens/s at batch 1, 8 and 32: B requests with short distinct prompts decode
+* decode tokens/s at batch 1, 8, 16 and 32: B requests with short distinct prompts decode
   `--decode-tokens` tokens each (ignore_eos); only steps where every sequence decodes count;
 * prefill tokens/s: one `--prefill-len`-token prompt, cold (no prefix cache);
 * paged vs contiguous attention: the paged decode kernel against contiguous SDPA on the same
@@ -96,17 +96,21 @@ def llama_cpp_figures(model_path: str, threads: int, prefill_len: int, tokens: i
     """The same figures from llama.cpp on the same file, same threads, same prompts."""
     try:
         from kvmm_daemon.bench.llama_cpp_ref import LlamaCpp
-        ref = LlamaCpp(model_path, threads=threads, max_seqs=max(batches))
+        # n_ctx sized to the run: the longest of one prefill and max(batches) x (prompt + decode)
+        per_seq = max(16 + tokens + 8, -(-(prefill_len + 8) // max(batches)))
+        ref = LlamaCpp(model_path, threads=threads, max_seqs=max(batches), n_ctx_per_seq=per_seq)
     except ImportError:
         return {"error": "llama-cpp-python is not installed; pip install '.[llama]' (compiles ~10 min)"}
     try:
         ids = (prompt_ids * (prefill_len // len(prompt_ids) + 1))[:prefill_len]
-        prefill = ref.prefill_tokens_per_s(ids)
+        ref.prefill_tokens_per_s(ids[:64])             # warm-up, as kvmm's engine is warmed up
+        prefill = ref.prefill_tokens_per_s(ids)        # timed on a warm context
         decode = {}
         for b in batches:
             prompts = [[prompt_ids[(i + b) % len(prompt_ids)]] + prompt_ids[:15] for i in range(b)]
+            ref.decode_tokens_per_s(prompts, 2)        # warm-up at this batch size
             decode[str(b)] = round(ref.decode_tokens_per_s(prompts, tokens), 1)
-        return {"decode_tokens_per_s": decode, "prefill_tokens_per_s": round(prefill, 1)}
+        return {"decode_tokens_per_s": decode, "prefill_tokens_per_s": round(prefill, 1), **ref.settings}
     finally:
         ref.close()
 
@@ -115,7 +119,7 @@ def register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file (default: embedded SmolLM2-135M)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kv-budget", default="512MiB")
-    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--batches", default="1,8,16,32")
     p.add_argument("--decode-tokens", type=int, default=48)
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--vs-llama-cpp", action="store_true", help="also run llama.cpp on the same GGUF")

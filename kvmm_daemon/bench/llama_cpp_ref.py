@@ -28,7 +28,8 @@ class LlamaCpp:
         else:
             mp.use_mmap = True
         self.settings = {"load": "mmap", "use_extra_bufts": getattr(mp, "use_extra_bufts", None),
-                         "llama_cpp_python": getattr(lc, "__version__", None)}
+                         "llama_cpp_python": getattr(lc, "__version__", None),
+                         "llama_cpp_system": lc.llama_print_system_info().decode().strip()}
         self.model = lc.llama_model_load_from_file(model_path.encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {model_path}")
@@ -38,6 +39,10 @@ class LlamaCpp:
         cp.n_seq_max = max_seqs
         cp.n_threads = cp.n_threads_batch = threads
         self.ctx = lc.llama_init_from_model(self.model, cp)
+        fa = getattr(cp, "flash_attn_type", None)
+        self.settings.update(n_ctx=cp.n_ctx, n_batch=cp.n_batch, kv_cache_type=f"ggml type {cp.type_k}/{cp.type_v} "
+                             "(1 = f16, llama.cpp's default)",
+                             flash_attn={-1: "auto (llama.cpp default)", 0: "disabled", 1: "enabled"}.get(fa, fa))
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
         self.batch = lc.llama_batch_init(512, 0, max_seqs)
 
@@ -68,6 +73,15 @@ class LlamaCpp:
 
     def _clear(self) -> None:
         self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        """The greedy continuation of `ids` (n tokens), one sequence: checks the harness
+        computes what llama.cpp computes before its speed is compared."""
+        self._clear()
+        out = self._decode([(t, p, 0, p == len(ids) - 1) for p, t in enumerate(ids)])
+        while len(out) < n:
+            out += self._decode([(out[-1], len(ids) + len(out) - 1, 0, True)])
+        return out
 
     def prefill_tokens_per_s(self, ids: list[int]) -> float:
         self._clear()
