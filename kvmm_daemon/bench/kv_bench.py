@@ -5,8 +5,10 @@ drawn log-normally (seeded). The real BlockPool/KVCacheManager run it token by t
 model: the KV bytes are irrelevant to the bookkeeping measured here):
 * slot utilization: tokens held / slots of allocated blocks, averaged over every step;
 * concurrency: sequences running at once under continuous batching in the budget while
-  requests wait (the budget, not the arrival of work, is the limit), vs a
-  contiguous baseline that reserves max_model_len slots per sequence (budget // max_len);
+  requests wait (the budget, not the arrival of work, is the limit), vs the contiguous
+  baselines of the vLLM paper, run on the same batching: reserving max_model_len, prompt +
+  max_tokens (also rounded up to a power of two), and an oracle that knows each output length;
+* pool utilization: tokens held / slots in the whole pool at every step (mean and a series);
 * copy-on-write savings: blocks held by n=4 parallel samples and by width-4 beam search
   (forks + frees as beams are re-ranked) vs the same sequences with no sharing.
 """
@@ -45,6 +47,7 @@ def simulate_paged(reqs: list[tuple[int, int]], num_blocks: int, block_size: int
     queue = [_Seq(i, p, o) for i, (p, o) in enumerate(reqs)]
     running: list[_Seq] = []
     used_slots = held_tokens = conc_sum = steps = preempted = saturated = 0
+    pool_util: list[float] = []
     while queue or running:
         while queue and kv.can_allocate(queue[0].prompt + queue[0].generated + 1):
             s = queue.pop(0)
@@ -71,13 +74,57 @@ def simulate_paged(reqs: list[tuple[int, int]], num_blocks: int, block_size: int
         tokens = sum(kv.num_tokens(s.sid) for s in running)
         used_slots += stats.blocks_allocated * block_size
         held_tokens += tokens
+        pool_util.append(tokens / (num_blocks * block_size))
         steps += 1
         if queue:   # saturated: requests are waiting for KV, so concurrency is budget-bound
             conc_sum += len(running)
             saturated += 1
     assert kv.statistics().pool.blocks_allocated == 0
     return {"slot_utilization": held_tokens / max(1, used_slots), "mean_concurrency": conc_sum / max(1, saturated),
-            "steps": steps, "preemptions": preempted}
+            "steps": steps, "preemptions": preempted, "pool_utilization": pool_util}
+
+
+RESERVATIONS = {
+    # vLLM paper section 6's baselines: what a contiguous allocator reserves per sequence
+    "max_len": lambda p, o, a: a.max_model_len,
+    "prompt_plus_max_tokens": lambda p, o, a: min(a.max_model_len, p + a.max_tokens),
+    "prompt_plus_max_tokens_pow2": lambda p, o, a: min(a.max_model_len, 1 << (p + a.max_tokens - 1).bit_length()),
+    "oracle": lambda p, o, a: p + o,
+}
+
+
+def simulate_reserved(reqs: list[tuple[int, int]], budget: int, reserve) -> dict:
+    """The same continuous batching (FCFS, one token per step) over a contiguous allocator
+    that reserves `reserve(prompt, output)` slots per sequence up front, with no external
+    fragmentation (a generous baseline): concurrency while requests wait, and tokens held
+    over the whole budget at every step."""
+    queue = list(reqs)
+    running: list[list[int]] = []          # [prompt, output, generated, reserved]
+    reserved = conc_sum = saturated = 0
+    pool_util: list[float] = []
+    while queue or running:
+        while queue and reserved + reserve(*queue[0]) <= budget:
+            p, o = queue.pop(0)
+            r = reserve(p, o)
+            reserved += r
+            running.append([p, o, 0, r])
+        assert running, "a request's reservation exceeds the whole budget"
+        for s in running:
+            s[2] += 1
+        pool_util.append(sum(s[0] + s[2] for s in running) / budget)
+        if queue:
+            conc_sum += len(running)
+            saturated += 1
+        for s in [s for s in running if s[2] >= s[1]]:
+            running.remove(s)
+            reserved -= s[3]
+    return {"mean_concurrency": conc_sum / max(1, saturated), "pool_utilization": pool_util}
+
+
+def _series(values: list[float], points: int = 20) -> list[float]:
+    """`points` evenly spaced samples of a per-step series (for the JSON)."""
+    step = max(1, len(values) // points)
+    return [round(v, 4) for v in values[::step]][:points]
 
 
 def cow_saving(prompt: int, output: int, width: int, block_size: int, beam: bool, seed: int) -> float:
@@ -122,6 +169,8 @@ def register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--budget-tokens", type=int, default=65536, help="KV budget in token slots")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=512, help="max_tokens each request asks (the "
+                   "workload's longest output) for the prompt + max_tokens baselines")
 
 
 def run_kv_bench(args: argparse.Namespace) -> dict:
@@ -134,8 +183,18 @@ def run_kv_bench(args: argparse.Namespace) -> dict:
     prompt, out = int(mean_prompt), int(mean_out)
     par = cow_saving(prompt, out, 4, args.block_size, beam=False, seed=args.seed)
     beam = cow_saving(prompt, out, 4, args.block_size, beam=True, seed=args.seed)
+    baselines = {name: simulate_reserved(reqs, args.budget_tokens, lambda p, o, f=f: f(p, o, args))
+                 for name, f in RESERVATIONS.items()}
+    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
     result = {
         "kv_slot_utilization": round(paged["slot_utilization"], 4),
+        "pool_utilization": {"paged": round(mean(paged["pool_utilization"]), 4),
+                             **{n: round(mean(b["pool_utilization"]), 4) for n, b in baselines.items()}},
+        "pool_utilization_over_time": {"paged": _series(paged["pool_utilization"]),
+                                       **{n: _series(b["pool_utilization"]) for n, b in baselines.items()}},
+        "concurrency_baselines": {n: round(b["mean_concurrency"], 2) for n, b in baselines.items()},
+        "concurrency_vs_baselines": {n: round(paged["mean_concurrency"] / max(1e-9, b["mean_concurrency"]), 2)
+                                     for n, b in baselines.items()},
         "concurrency_vs_contiguous": round(paged["mean_concurrency"] / contiguous, 2),
         "parallel_sampling_kv_saving": round(par, 4),
         "beam_search_kv_saving": round(beam, 4),
@@ -148,7 +207,11 @@ def run_kv_bench(args: argparse.Namespace) -> dict:
     }
     print(f"{'metric':<34}{'kvmm (paged)':>14}{'baseline':>14}")
     print(f"{'KV slot utilization':<34}{result['kv_slot_utilization']:>14.4f}{'-':>14}")
-    print(f"{'concurrent sequences':<34}{paged['mean_concurrency']:>14.1f}{contiguous:>14d}  (contiguous max-len)")
+    for name, b in baselines.items():
+        print(f"{'concurrent sequences':<34}{paged['mean_concurrency']:>14.1f}{b['mean_concurrency']:>14.1f}"
+              f"  (contiguous, reserving {name})")
+    for name, u in result["pool_utilization"].items():
+        print(f"{'pool utilization (mean), ' + name:<34}{u:>14.2%}")
     print(f"{'KV saved, n=4 parallel sampling':<34}{par:>14.2%}{0:>14.0%}  (no sharing)")
     print(f"{'KV saved, beam width 4':<34}{beam:>14.2%}{0:>14.0%}  (no sharing)")
     return result
