@@ -1,24 +1,31 @@
-"""EngineLoop: the engine stepping in a worker thread while trio serves sockets.
+"""EngineLoop: the engine stepping in a thread of its own while trio serves sockets.
 
-`Engine.step()` is blocking compute, so it runs in `trio.to_thread.run_sync`; the event loop
-stays free to accept clients, parse frames and stream tokens meanwhile. Requests enter through
-`submit` (which calls the thread-safe `Engine.add_request` at once, so a request that can never
-be served fails immediately) and leave as `RequestOutput`s routed to one memory channel per
-request. The engine queues every mutation (add, abort, session open/delete) and applies it at
-the start of its next step; `barrier()` waits for that step, so a session operation is in
-effect when its reply goes out.
+`Engine.step()` is blocking compute, so it runs in a dedicated engine thread that steps for
+as long as there is work, and sleeps on a condition variable when there is none. After each
+step it hands the step's outputs to the trio loop in one call (`TrioToken.run_sync_soon`: one
+wake-up of the event loop per step, however many requests the step served), so the loop routes
+them to one memory channel per request and flushes sockets while the next step computes.
+Requests enter through `submit` (which calls the thread-safe `Engine.add_request` at once, so a
+request that can never be served fails immediately). The engine queues every mutation (add,
+abort, session open/delete) and applies it at the start of its next step; `barrier()` waits for
+that step, so a session operation is in effect when its reply goes out.
 
-The loop pings the systemd watchdog after every step and, when idle, at least every
-`ping_interval_s`: a step that hangs stops the pings, and systemd restarts the service.
+Why a thread of its own rather than `trio.to_thread.run_sync` per step: a worker thread per
+step costs a hand-off and a wake-up each way, trio renames the worker on every job (two prctl
+calls), and the next step cannot start until the loop has routed the last one; measured with
+`kvmm trace` as most of the daemon's syscalls per decoded token (docs/trace.md).
+
+The loop pings the systemd watchdog after every step and, while the engine is idle, at least
+every `ping_interval_s`: a step that hangs stops the pings, and systemd restarts the service.
 
 Prior art: vLLM's AsyncLLMEngine (a background loop feeding per-request output queues) and
-nano-vllm's `LLMEngine.step`. Left out: pipelining steps with output processing (one thread is
-the engine's; the 2-core boards this targets have no spare core to overlap them).
+nano-vllm's `LLMEngine.step`.
 """
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -50,13 +57,15 @@ class EngineLoop:
     """Owns the stepping of one engine.
 
     Attributes:
-      engine: the Engine; only this loop's worker thread calls `step`.
+      engine: the Engine; only this loop's engine thread calls `step`.
       _streams: request id -> send channel; an entry exists iff the request was submitted and
-        has neither finished (its final output was routed) nor been aborted.
-      _wakeup: set when work may have arrived; replaced by a fresh event each time it is seen.
-      _abort_pending: an abort was issued since the last step (so one step runs to apply it
-        even if the engine reports no unfinished requests).
-      _started / _done: steps begun / completed; _done <= _started <= _done + 1.
+        has neither finished (its final output was routed) nor been aborted. Trio side only.
+      _cv: guards _work, _started, _idle and _stopping, shared with the engine thread.
+      _work: something was queued (submit, abort, barrier) since the engine thread last looked.
+      _started: steps begun (engine thread); _done: steps whose outputs were routed (trio side);
+        _done <= _started.
+      _idle: the engine thread waits for work (no step in progress).
+      _failure: the exception a step raised; the thread stops, `run` raises it.
     """
 
     def __init__(self, engine: Any, *, watchdog: Callable[[], Any] = lambda: None,
@@ -64,15 +73,25 @@ class EngineLoop:
         self.engine = engine
         self._watchdog = watchdog
         self._idle_wait = ping_interval_s if ping_interval_s else math.inf
-        self._limiter = trio.CapacityLimiter(1)
         self._streams: dict[str, trio.MemorySendChannel] = {}
-        self._wakeup = trio.Event()
-        self._abort_pending = False
+        self._cv = threading.Condition()
+        self._work = False
         self._started = 0
+        self._idle = True
+        self._stopping = False
         self._done = 0
         self._step_done = trio.Event()
+        self._failed = trio.Event()
+        self._failure: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._thread: threading.Thread | None = None
         self._busy = 0.0
         self._pings = 0
+
+    def _kick(self) -> None:
+        with self._cv:
+            self._work = True
+            self._cv.notify()
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: Any,
                session_id: str | None = None, owner: int | None = None) -> trio.MemoryReceiveChannel:
@@ -83,15 +102,14 @@ class EngineLoop:
         self.engine.add_request(request_id, prompt_token_ids, params, session_id=session_id, owner=owner)
         send, recv = trio.open_memory_channel(math.inf)
         self._streams[request_id] = send
-        self._wakeup.set()
+        self._kick()
         return recv
 
     def abort(self, request_id: str) -> None:
         """Abort a request (idempotent); its channel gets ABORTED and closes."""
         send = self._streams.pop(request_id, None)
         self.engine.abort_request(request_id)
-        self._abort_pending = True
-        self._wakeup.set()
+        self._kick()                        # one step applies the abort even when idle
         if send is not None:
             send.send_nowait(ABORTED)
             send.close()
@@ -102,49 +120,88 @@ class EngineLoop:
     async def barrier(self) -> None:
         """Return once a step begun after this call has completed: every engine command
         queued before the call has then been applied."""
-        want = self._started + 1
-        self._abort_pending = True          # forces a step even when the engine is idle
-        self._wakeup.set()
+        with self._cv:
+            want = self._started + 1
+            self._work = True               # forces a step even when the engine is idle
+            self._cv.notify()
         while self._done < want:
+            if self._failure is not None:
+                raise RuntimeError("the engine loop stopped") from self._failure
             await self._step_done.wait()
 
     def _ping(self) -> None:
         self._watchdog()
         self._pings += 1
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Step while there is work; sleep (pinging the watchdog) while there is none."""
-        task_status.started()
-        self._ping()
+    # --- the engine thread ----------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        engine, token = self.engine, self._token
         while True:
-            if not (self._abort_pending or self.engine.has_unfinished_requests()):
-                with trio.move_on_after(self._idle_wait):
-                    await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                self._ping()
-                continue
-            self._abort_pending = False
-            self._started += 1
+            with self._cv:
+                while not (self._stopping or self._work or engine.has_unfinished_requests()):
+                    self._idle = True
+                    self._cv.wait()
+                if self._stopping:
+                    self._idle = True
+                    return
+                self._work = False
+                self._idle = False
+                self._started += 1
             t0 = time.perf_counter()
             try:
-                outputs = await trio.to_thread.run_sync(self.engine.step, limiter=self._limiter)
-            except Exception as exc:
-                self.fail_all(f"Engine.step raised {type(exc).__name__}: {exc}")
-                raise
+                outputs = engine.step()
+            except BaseException as exc:        # noqa: BLE001 - handed to `run`, which raises it
+                token.run_sync_soon(self._fail, exc)
+                return
             self._busy += time.perf_counter() - t0
-            self._done += 1
-            self._step_done.set()
-            self._step_done = trio.Event()
-            self._ping()
-            for out in outputs:
-                send = self._streams.get(out.request_id)
-                if send is None:
-                    continue            # aborted meanwhile: its consumer is gone
-                send.send_nowait(out)
-                if out.finished:
-                    del self._streams[out.request_id]
-                    send.close()
-            await trio.sleep(0)         # let the streams flush before the next step
+            token.run_sync_soon(self._route, outputs)
+
+    # --- the trio side --------------------------------------------------------------------
+
+    def _route(self, outputs: list) -> None:
+        self._done += 1
+        self._step_done.set()
+        self._step_done = trio.Event()
+        self._ping()
+        for out in outputs:
+            send = self._streams.get(out.request_id)
+            if send is None:
+                continue            # aborted meanwhile: its consumer is gone
+            send.send_nowait(out)
+            if out.finished:
+                del self._streams[out.request_id]
+                send.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = exc
+        self._step_done.set()
+        self._failed.set()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Start the engine thread; ping the watchdog while it is idle; on cancellation stop
+        it (after the step in progress). A step that raised is raised here."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(target=self._thread_main, name="kvmm-engine", daemon=True)
+        self._thread.start()
+        task_status.started()
+        self._ping()
+        try:
+            while True:
+                with trio.move_on_after(self._idle_wait):
+                    await self._failed.wait()
+                if self._failure is not None:
+                    exc = self._failure
+                    self.fail_all(f"Engine.step raised {type(exc).__name__}: {exc}")
+                    raise exc
+                if self._idle:
+                    self._ping()
+        finally:
+            with self._cv:
+                self._stopping = True
+                self._cv.notify()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._thread.join)
 
     def fail_all(self, message: str) -> None:
         """Close every stream after a fatal engine error (consumers see a closed channel)."""
