@@ -44,8 +44,7 @@ def run(args: argparse.Namespace) -> dict:
     prompts = [[(7 * s + j) % 1000 + 100 for j in range(8)] for s in range(args.batch)]
     llm.decode_tokens_per_s(prompts, 2)                     # warm-up: same shapes, context warm
     # its own memory once warm (KV, compute buffers, allocator): the weights are file pages
-    out.update(anon_bytes=_status("RssAnon"), n_ctx=llm.n_ctx, flash_attn="llama.cpp default",
-               kv_type="f16 (llama.cpp default)", **llm.settings)
+    out.update(anon_bytes=_status("RssAnon"), **llm.settings)
     if args.baseline_only:
         llm.close()
         return out
