@@ -71,6 +71,7 @@ class Delta:
     index: int
     token_ids: list[int]
     text: str
+    logprobs: list[dict[str, Any]] | None = None   # {token_id, logprob, top_logprobs}, if asked
 
 
 @dataclass(slots=True)
@@ -134,7 +135,8 @@ class Collector:
             self.request_id = msg["request_id"]
         elif kind == "delta":
             for c in msg["choices"]:
-                self.pending.append(Delta(msg["request_id"], c["index"], c["token_ids"], c["text"]))
+                self.pending.append(Delta(msg["request_id"], c["index"], c["token_ids"], c["text"],
+                                          c.get("logprobs")))
         elif kind == "done":
             self.result = Result(msg["request_id"], msg["choices"], msg["prompt_token_ids"],
                                  msg["usage"], msg["timings"])

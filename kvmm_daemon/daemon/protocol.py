@@ -321,3 +321,26 @@ def reply(id: int | None, type: str, **fields: Any) -> dict[str, Any]:
 
 def error_reply(id: int | None, code: ErrorCode, message: str) -> dict[str, Any]:
     return reply(id, "error", code=code.value, message=message)
+
+
+def logprobs_wire(logprobs: Any) -> list[dict[str, Any]]:
+    """Per-token log-probabilities as sent: {token_id, logprob, top_logprobs: [[id, lp]...]}."""
+    return [{"token_id": lp.token_id, "logprob": lp.logprob, "top_logprobs": [list(t) for t in lp.top]}
+            for lp in logprobs]
+
+
+def delta_choice(d: Any) -> dict[str, Any]:
+    """One choice of a `delta` reply; `logprobs` only when the request asked for them."""
+    out = {"index": d.index, "token_ids": list(d.token_ids), "text": d.text}
+    if d.logprobs is not None:
+        out["logprobs"] = logprobs_wire(d.logprobs)
+    return out
+
+
+def final_choice(c: Any) -> dict[str, Any]:
+    """One choice of a `done` reply; `logprobs` only when the request asked for them."""
+    out = {"index": c.index, "text": c.text, "token_ids": list(c.token_ids),
+           "finish_reason": c.finish_reason, "cum_logprob": c.cum_logprob}
+    if c.logprobs is not None:
+        out["logprobs"] = logprobs_wire(c.logprobs)
+    return out

@@ -402,15 +402,15 @@ class Server:
                 await conn.send(P.error_reply(req.id, P.ErrorCode.ENGINE_ERROR, out.error))
                 return
             if req.stream and any(d.token_ids or d.text for d in out.deltas):
-                await conn.send(P.reply(req.id, "delta", request_id=request_id, choices=[
-                    {"index": d.index, "token_ids": list(d.token_ids), "text": d.text} for d in out.deltas]))
+                await conn.send(P.reply(req.id, "delta", request_id=request_id,
+                                        choices=[P.delta_choice(d) for d in out.deltas]))
         if gen.engine_stopped:
             await conn.send(P.error_reply(req.id, P.ErrorCode.INTERNAL, "the engine stopped; see the daemon log"))
             return
         gen.retire()
         await conn.send(P.reply(
             req.id, "done", request_id=request_id,
-            choices=[dataclasses.asdict(c) for c in acc.choices()], prompt_token_ids=gen.prompt_ids,
+            choices=[P.final_choice(c) for c in acc.choices()], prompt_token_ids=gen.prompt_ids,
             usage=dataclasses.asdict(acc.usage(len(gen.prompt_ids))),
             timings=dataclasses.asdict(acc.timings())))
 
