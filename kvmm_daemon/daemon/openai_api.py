@@ -34,7 +34,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon import protocol as P
 from kvmm_daemon.daemon.auth import PeerCredentials
 from kvmm_daemon.daemon.metrics import CONTENT_TYPE
 from kvmm_daemon.daemon.openai_requests import ApiError, CompletionRequest, parse_completion

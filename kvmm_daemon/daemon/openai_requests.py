@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon import protocol as P
 from kvmm_daemon.engine.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from kvmm_daemon.errors import RequestError
 

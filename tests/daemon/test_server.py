@@ -8,7 +8,7 @@ import pytest
 
 from kvmm_daemon.client import (Client, InvalidRequest, NotFound, UnknownOperation, Conflict,
                                 UnsupportedVersion)
-from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon import protocol as P
 
 from .helpers import RawConn, session_blocks, wait_idle
 
