@@ -20,6 +20,7 @@ repeat).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import math
 import os
@@ -85,18 +86,25 @@ OPERATIONS: dict[str, Operation] = {
 }
 
 
+def _describe(method: Callable[..., Any], owner: str, name: str, spec: Operation) -> Callable[..., Any]:
+    """Name, docstring and signature (self + the fields' parameters) of a generated method."""
+    fields = inspect.signature(spec.fields)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    method.__signature__ = fields.replace(parameters=[self_param, *fields.parameters.values()])
+    method.__name__, method.__qualname__, method.__doc__ = name, f"{owner}.{name}", spec.doc
+    return method
+
+
 def _sync_method(name: str, spec: Operation) -> Callable[..., Any]:
     def method(self: Client, *args: Any, **kwargs: Any) -> Any:
         return spec.result(self.call(spec.op, **spec.fields(*args, **kwargs)))
-    method.__name__, method.__qualname__, method.__doc__ = name, f"Client.{name}", spec.doc
-    return method
+    return _describe(method, "Client", name, spec)
 
 
 def _async_method(name: str, spec: Operation) -> Callable[..., Any]:
     async def method(self: AsyncClient, *args: Any, **kwargs: Any) -> Any:
         return spec.result(await self.call(spec.op, **spec.fields(*args, **kwargs)))
-    method.__name__, method.__qualname__, method.__doc__ = name, f"AsyncClient.{name}", spec.doc
-    return method
+    return _describe(method, "AsyncClient", name, spec)
 
 
 # ---------------------------------------------------------------------------------- sync

@@ -40,6 +40,8 @@ def test_both_clients_have_every_operation_of_the_table():
         assert getattr(Client, name).__doc__ == spec.doc and getattr(AsyncClient, name).__doc__ == spec.doc
     assert all(inspect.iscoroutinefunction(getattr(AsyncClient, n)) for n in OPERATIONS)
     assert not any(inspect.iscoroutinefunction(getattr(Client, n)) for n in OPERATIONS)
+    assert str(inspect.signature(Client.cancel)) == "(self, request_id)"
+    assert str(inspect.signature(AsyncClient.open_session)) == "(self, name=None)"
 
 
 def test_connect_errors_say_what_to_do(tmp_path):
