@@ -11,31 +11,34 @@
 Both speak the protocol of docs/protocol.md over one connection and can have several
 requests in flight on it (replies are routed by request id). A server error arrives as a
 subclass of `ServerError` chosen by its code, so callers catch exactly what they can handle
-(`LimitExceeded`: retry later; `InvalidRequest`: fix the call). Importing this module does not
-import torch. Left out: automatic reconnects and retries (a caller decides what is safe to
+(`LimitExceeded`: retry later; `InvalidRequest`: fix the call). The simple operations (health,
+stats, requests, cancel, sessions) are written once, in `OPERATIONS`, and become methods of
+both clients. Importing this module imports neither the daemon package nor the engine (so not
+torch): the wire types live in kvmm_daemon/protocol.py and client_types.py. Left out: automatic reconnects and retries (a caller decides what is safe to
 repeat).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import math
 import os
 import socket
 from collections import deque
-from typing import Any, AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import trio
 
-from kvmm_daemon.daemon import protocol as P
-from kvmm_daemon.daemon.client_types import (ERRORS, BadFrame, CapacityExceeded, ClientError, Collector,
-                                             Conflict, ConnectionLost, DaemonUnavailable, Delta,
-                                             EngineFailure, FrameTooLarge, InternalServerError,
-                                             InvalidRequest, LimitExceeded, NotFound, PermissionDenied,
-                                             Result, ServerError, ShuttingDown, UnknownOperation,
-                                             UnsupportedVersion, error_from_reply, generate_message,
-                                             result_of)
-from kvmm_daemon.daemon.config import DEFAULT_SOCKET
+from kvmm_daemon import protocol as P
+from kvmm_daemon.client_types import (ERRORS, BadFrame, CapacityExceeded, ClientError, Collector,
+                                      Conflict, ConnectionLost, DaemonUnavailable, Delta,
+                                      EngineFailure, FrameTooLarge, InternalServerError,
+                                      InvalidRequest, LimitExceeded, NotFound, PermissionDenied,
+                                      Result, ServerError, ShuttingDown, UnknownOperation,
+                                      UnsupportedVersion, error_from_reply, result_of)
+from kvmm_daemon.protocol import DEFAULT_SOCKET, generate_message
 
 __all__ = ["Client", "Stream", "AsyncClient", "AsyncStream", "Delta", "Result", "default_socket",
            "ClientError", "DaemonUnavailable", "ConnectionLost", "ServerError", "ERRORS", "error_from_reply",
@@ -54,6 +57,54 @@ def _connect_error(path: str, exc: OSError) -> DaemonUnavailable:
             "join the socket's group (usually kvmm) or run as root" if isinstance(exc, PermissionError)
             else "check the path")
     return DaemonUnavailable(f"cannot connect to the kvmm daemon at {path}: {exc.strerror or exc}; {hint}")
+
+
+# ---------------------------------------------------------------------------------- operations
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One request/result op as a client method: `fields(*args)` gives the request's keys,
+    `result(reply_result)` what the method returns."""
+    op: str
+    doc: str
+    fields: Callable[..., dict[str, Any]] = lambda: {}
+    result: Callable[[Any], Any] = lambda r: r
+
+
+OPERATIONS: dict[str, Operation] = {
+    "health": Operation("health", "Status, version, protocol, uptime and the caller's uid."),
+    "stats": Operation("stats", "Engine, KV, client and server statistics (yours only, unless root)."),
+    "requests": Operation("requests", "The requests in flight that you may see."),
+    "cancel": Operation("cancel", "Abort a request in flight (NotFound once it finished).",
+                        lambda request_id: {"request_id": request_id}, lambda r: None),
+    "open_session": Operation("session.open", "Open a session (the daemon picks a name if none); "
+                              "returns its name.", lambda name=None: {"session": name} if name else {},
+                              lambda r: r["session"]),
+    "sessions": Operation("session.list", "The sessions you may see."),
+    "delete_session": Operation("session.delete", "Delete a session and free its KV.",
+                                lambda session: {"session": session}, lambda r: None),
+}
+
+
+def _describe(method: Callable[..., Any], owner: str, name: str, spec: Operation) -> Callable[..., Any]:
+    """Name, docstring and signature (self + the fields' parameters) of a generated method."""
+    fields = inspect.signature(spec.fields)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    method.__signature__ = fields.replace(parameters=[self_param, *fields.parameters.values()])
+    method.__name__, method.__qualname__, method.__doc__ = name, f"{owner}.{name}", spec.doc
+    return method
+
+
+def _sync_method(name: str, spec: Operation) -> Callable[..., Any]:
+    def method(self: Client, *args: Any, **kwargs: Any) -> Any:
+        return spec.result(self.call(spec.op, **spec.fields(*args, **kwargs)))
+    return _describe(method, "Client", name, spec)
+
+
+def _async_method(name: str, spec: Operation) -> Callable[..., Any]:
+    async def method(self: AsyncClient, *args: Any, **kwargs: Any) -> Any:
+        return spec.result(await self.call(spec.op, **spec.fields(*args, **kwargs)))
+    return _describe(method, "AsyncClient", name, spec)
 
 
 # ---------------------------------------------------------------------------------- sync
@@ -106,30 +157,10 @@ class Client:
         return self._inbox[id].popleft()
 
     def call(self, op: str, **fields: Any) -> Any:
+        """One op and its result (the methods of OPERATIONS go through here)."""
         id = next(self._ids)
-        self._send({"v": P.PROTOCOL_VERSION, "id": id, "op": op, **fields})
+        self._send(P.request(id, op, **fields))
         return result_of(self._receive(id))
-
-    def health(self) -> dict[str, Any]:
-        return self.call("health")
-
-    def stats(self) -> dict[str, Any]:
-        return self.call("stats")
-
-    def requests(self) -> list[dict[str, Any]]:
-        return self.call("requests")
-
-    def cancel(self, request_id: str) -> None:
-        self.call("cancel", request_id=request_id)
-
-    def open_session(self, name: str | None = None) -> str:
-        return self.call("session.open", **({"session": name} if name else {}))["session"]
-
-    def sessions(self) -> list[dict[str, Any]]:
-        return self.call("session.list")
-
-    def delete_session(self, session: str) -> None:
-        self.call("session.delete", session=session)
 
     def stream(self, prompt: str | None = None, **kwargs: Any) -> Stream:
         """Start a generate; iterate the returned Stream for Deltas, then read `.result`."""
@@ -266,33 +297,13 @@ class AsyncClient:
             raise self._failure or ConnectionLost("connection closed") from None
 
     async def call(self, op: str, **fields: Any) -> Any:
+        """One op and its result (the methods of OPERATIONS go through here)."""
         id = next(self._ids)
-        recv = await self._open({"v": P.PROTOCOL_VERSION, "id": id, "op": op, **fields})
+        recv = await self._open(P.request(id, op, **fields))
         try:
             return result_of(await self._next(recv))
         finally:
             self._routes.pop(id, None)
-
-    async def health(self) -> dict[str, Any]:
-        return await self.call("health")
-
-    async def stats(self) -> dict[str, Any]:
-        return await self.call("stats")
-
-    async def requests(self) -> list[dict[str, Any]]:
-        return await self.call("requests")
-
-    async def cancel(self, request_id: str) -> None:
-        await self.call("cancel", request_id=request_id)
-
-    async def open_session(self, name: str | None = None) -> str:
-        return (await self.call("session.open", **({"session": name} if name else {})))["session"]
-
-    async def sessions(self) -> list[dict[str, Any]]:
-        return await self.call("session.list")
-
-    async def delete_session(self, session: str) -> None:
-        await self.call("session.delete", session=session)
 
     async def generate(self, prompt: str | None = None, **kwargs: Any) -> Result:
         async with self.stream(prompt, _stream=False, **kwargs) as s:
@@ -350,3 +361,9 @@ class AsyncStream:
                 await self._client.cancel(self._col.request_id)
             except NotFound:
                 pass
+
+
+for _name, _spec in OPERATIONS.items():
+    setattr(Client, _name, _sync_method(_name, _spec))
+    setattr(AsyncClient, _name, _async_method(_name, _spec))
+del _name, _spec

@@ -17,7 +17,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from kvmm_daemon.daemon.protocol import ErrorCode, ProtocolError
+from kvmm_daemon.protocol import ErrorCode, ProtocolError
 
 _UCRED = struct.Struct("3i")
 

@@ -24,9 +24,9 @@ from typing import Any, Mapping
 
 from kvmm_daemon.config import EngineConfig
 from kvmm_daemon.errors import ConfigError
+from kvmm_daemon.protocol import DEFAULT_SOCKET
 from kvmm_daemon.sizes import parse_size
 
-DEFAULT_SOCKET = "/run/kvmm/kvmm.sock"
 DEFAULT_GROUP = "kvmm"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

@@ -5,7 +5,7 @@ from typing import Any
 
 import trio
 
-from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon import protocol as P
 from kvmm_daemon.daemon.auth import PeerCredentials
 
 

@@ -34,7 +34,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon import protocol as P
 from kvmm_daemon.daemon.auth import PeerCredentials
 from kvmm_daemon.daemon.metrics import CONTENT_TYPE
 from kvmm_daemon.daemon.openai_requests import ApiError, CompletionRequest, parse_completion
@@ -188,7 +188,7 @@ class OpenAIApi:
             with trio.CancelScope(shield=True):
                 await stack.aclose()
             raise
-        shape = _Shape(req, gen.request_id, self.model)
+        shape = _Shape(req, gen.request_id, self.model, self.server.engine.tokenizer)
         if req.stream:
             return _GenerationStream(shape.events(gen), stack)
         async with stack:
@@ -241,12 +241,40 @@ class _GenerationStream(StreamingResponse):
 class _Shape:
     """How one request's outputs look in OpenAI's chat or text completion objects."""
 
-    def __init__(self, req: CompletionRequest, request_id: str, model: str):
+    def __init__(self, req: CompletionRequest, request_id: str, model: str, tokenizer: Any):
         self.req = req
         self.chat = req.chat
         self.id = ("chatcmpl-" if req.chat else "cmpl-") + request_id
         self.model = model
         self.created = int(time.time())
+        self.tokenizer = tokenizer
+        self.text_offset: dict[int, int] = {}     # choice -> characters of text covered by logprobs
+
+    def _token(self, token_id: int) -> tuple[str, bytes]:
+        piece = self.tokenizer.token_bytes(token_id)
+        return piece.decode("utf-8", errors="replace"), piece
+
+    def logprobs(self, index: int, lps: list | None) -> dict[str, Any] | None:
+        """OpenAI's logprobs object of choice `index` for the tokens `lps` (TokenLogprob);
+        for text completions `text_offset` continues where the previous call ended."""
+        if lps is None:
+            return None
+        if self.chat:
+            def entry(token_id: int, logprob: float) -> dict[str, Any]:
+                text, piece = self._token(token_id)
+                return {"token": text, "logprob": logprob, "bytes": list(piece)}
+            return {"content": [{**entry(lp.token_id, lp.logprob),
+                                 "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps],
+                    "refusal": None}
+        tokens = [self._token(lp.token_id)[0] for lp in lps]
+        offsets, at = [], self.text_offset.get(index, 0)
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        self.text_offset[index] = at
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{self._token(t)[0]: v for t, v in lp.top} for lp in lps],
+                "text_offset": offsets}
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -263,9 +291,9 @@ class _Shape:
         for c in gen.acc.choices():
             if self.chat:
                 choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                "logprobs": None, "finish_reason": c.finish_reason})
+                                "logprobs": self.logprobs(c.index, c.logprobs), "finish_reason": c.finish_reason})
             else:
-                choices.append({"index": c.index, "text": c.text, "logprobs": None,
+                choices.append({"index": c.index, "text": c.text, "logprobs": self.logprobs(c.index, c.logprobs),
                                 "finish_reason": c.finish_reason})
         return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": choices,
                 "usage": usage_json(gen.acc.usage(len(gen.prompt_ids)))}
@@ -276,15 +304,16 @@ class _Shape:
             obj["usage"] = None
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def _choice(self, index: int, text: str | None, finish_reason: str | None, *, role: bool = False) -> dict:
+    def _choice(self, index: int, text: str | None, finish_reason: str | None, *, role: bool = False,
+                logprobs: dict[str, Any] | None = None) -> dict:
         if not self.chat:
-            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     async def events(self, gen: Any) -> AsyncIterator[str]:
         n = len(gen.acc.finish_reasons)
@@ -295,7 +324,8 @@ class _Shape:
                 err = self.engine_error(gen)
                 yield f"data: {json.dumps(err.body())}\n\n"
                 return
-            texts = [self._choice(d.index, d.text, None) for d in out.deltas if d.text]
+            texts = [self._choice(d.index, d.text, None, logprobs=self.logprobs(d.index, d.logprobs))
+                     for d in out.deltas if d.text or d.logprobs]
             if texts:
                 yield self._chunk(texts)
         if gen.engine_stopped:

@@ -4,14 +4,13 @@
 field by field; anything it cannot honour is an `ApiError` (HTTP 400) that names the field,
 never a silent fallback. Accepted, as the OpenAI API defines them: model, messages / prompt,
 stream, stream_options.include_usage, n, temperature, top_p, max_tokens,
-max_completion_tokens, stop, seed, user, and logprobs/top_logprobs/echo/best_of/penalties
-only at their "off" values. kvmm extensions (vLLM spells the first two the same way):
+max_completion_tokens, stop, seed, user, logprobs (chat: true/false with top_logprobs
+0..20; completions: 0..20 alternatives), and echo/best_of/penalties only at their "off" values. kvmm extensions (vLLM spells the first two the same way):
 `top_k`, `ignore_eos`, and `kvmm_session` — the name of a session of the caller's uid that
 holds the conversation's KV between requests (created on first use; root may name another
 uid's as "UID:NAME"); with it, send only the new turn, the session holds the earlier ones.
 
-Left out on purpose: logprobs (the engine does not report per-token log-probabilities yet;
-asking for them is a 400 that says so), tools/function calling, response_format other than
+Left out on purpose: tools/function calling, response_format other than
 text, batched prompts (one prompt per request), echo, best_of, suffix, logit_bias.
 """
 from __future__ import annotations
@@ -21,8 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from kvmm_daemon.daemon import protocol as P
-from kvmm_daemon.engine.sampling_params import MAX_N, SamplingParams
+from kvmm_daemon import protocol as P
+from kvmm_daemon.engine.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from kvmm_daemon.errors import RequestError
 
 MAX_STOP = 4
@@ -142,10 +141,7 @@ def parse_completion(body: Any, *, chat: bool) -> CompletionRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("model", "model is required: a model id from GET /v1/models")
-    no_logprobs = "the engine does not report per-token log-probabilities yet"
     if chat:
-        _off(body, "logprobs", (False, None), no_logprobs)
-        _off(body, "top_logprobs", (0, None), no_logprobs)
         _off(body, "tools", ([], None), "tools and function calling are not implemented")
         _off(body, "functions", ([], None), "tools and function calling are not implemented")
         _off(body, "tool_choice", ("none", None), "tools and function calling are not implemented")
@@ -156,7 +152,6 @@ def parse_completion(body: Any, *, chat: bool) -> CompletionRequest:
             raise ApiError(400, "response_format other than {\"type\": \"text\"} is not supported by kvmm",
                            param="response_format", code="unsupported_parameter")
     else:
-        _off(body, "logprobs", (None,), no_logprobs)
         _off(body, "echo", (False, None), "the prompt is not echoed")
         _off(body, "best_of", (1, None), "use n for several samples")
         _off(body, "suffix", (None, ""), "insertion (suffix) is not implemented")
@@ -207,6 +202,9 @@ def _params(body: dict, chat: bool) -> SamplingParams:
         v = _int(body, key, lo, hi)
         if v is not None:
             d[key] = max(v, 0) if key == "top_k" else v          # vLLM: top_k -1 = off
+    logprobs = _logprobs(body, chat)
+    if logprobs is not None:
+        d["logprobs"] = logprobs
     ignore_eos = _bool(body, "ignore_eos")
     if ignore_eos is not None:
         d["ignore_eos"] = ignore_eos
@@ -222,6 +220,19 @@ def _params(body: dict, chat: bool) -> SamplingParams:
     except RequestError as exc:
         m = re.search(r"parameter (\w+)=", str(exc))
         raise bad(m.group(1) if m else "params", str(exc)) from None
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """Alternatives per token to report, None for no log-probabilities. Chat: `logprobs`
+    true/false and `top_logprobs` (needs logprobs true); completions: `logprobs` is the count."""
+    if not chat:
+        return _int(body, "logprobs", 0, MAX_LOGPROBS)
+    top = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if not _bool(body, "logprobs"):
+        if top:
+            raise bad("top_logprobs", "top_logprobs needs logprobs: true")
+        return None
+    return top or 0
 
 
 def _messages(value: Any) -> list[dict[str, str]]:

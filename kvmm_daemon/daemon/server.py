@@ -37,7 +37,7 @@ from typing import Any, AsyncIterator
 
 import trio
 
-from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon import protocol as P
 from kvmm_daemon.daemon.accept import accept_forever
 from kvmm_daemon.daemon.auth import PeerCredentials, UidLimits, blocks_needed, peer_credentials
 from kvmm_daemon.daemon.config import DaemonConfig
@@ -157,6 +157,11 @@ class Server:
         self._conn_ids = itertools.count(1)
         self._records_changed = trio.Event()
         self._accepting: trio.CancelScope | None = None
+        # request type -> handler(who, request) -> result; generate runs as a task of its own
+        self._operations: dict[type, Any] = {
+            P.HealthRequest: self._health, P.StatsRequest: self._stats, P.ListRequestsRequest: self._requests,
+            P.CancelRequest: self._cancel, P.SessionOpenRequest: self._session_open,
+            P.SessionListRequest: self._session_list, P.SessionDeleteRequest: self._session_delete}
 
     # ------------------------------------------------------------------ accepting
 
@@ -221,13 +226,13 @@ class Server:
                 return
             for body in bodies:
                 try:
-                    req = P.parse_request(P.decode_body(body))
+                    req = P.parse_request(P.decode_body(body), make_params=SamplingParams.from_dict)
                 except P.ProtocolError as exc:
                     self.errors[exc.code.value] += 1
                     if not await conn.try_send(P.error_reply(exc.id, exc.code, exc.message)):
                         return
                     continue
-                if isinstance(req, P.GenerateRequest):
+                if type(req) is P.GenerateRequest:
                     nursery.start_soon(self._generate_task, conn, req)
                 elif not await conn.try_send(await self._answer(conn, req)):
                     return
@@ -237,7 +242,7 @@ class Server:
     async def _answer(self, conn: Connection, req: P.Request) -> dict[str, Any]:
         """The reply to any operation but generate; errors become error replies."""
         try:
-            result = await self._operation(conn.creds, req)
+            result = await self._operations[type(req)](conn.creds, req)
         except P.ProtocolError as exc:
             self.errors[exc.code.value] += 1
             return P.error_reply(req.id, exc.code, exc.message)
@@ -246,37 +251,41 @@ class Server:
             return P.error_reply(req.id, P.ErrorCode.CONFLICT, str(exc))
         return P.reply(req.id, "result", result=result)
 
-    async def _operation(self, who: PeerCredentials, req: P.Request) -> Any:
-        if isinstance(req, P.HealthRequest):
-            return {"status": "draining" if self.draining else "ok", "version": __version__,
-                    "protocol": P.PROTOCOL_VERSION, "uptime_s": round(time.monotonic() - self.started, 3),
-                    "uid": who.uid}
-        if isinstance(req, P.StatsRequest):
-            return await self.stats(who)
-        if isinstance(req, P.ListRequestsRequest):
-            now = time.monotonic()
-            return [{"request_id": r.request_id, "uid": r.uid, "prompt_tokens": r.prompt_tokens,
-                     "session": session_ref(who, r.session) if r.session else None,
-                     "age_s": round(now - r.started, 3)}
-                    for r in self.records.values() if who.may_access(r.uid)]
-        if isinstance(req, P.CancelRequest):
-            record = self.records.get(req.request_id)
-            if record is None:
-                raise P.ProtocolError(P.ErrorCode.NOT_FOUND,
-                                      f"no request {req.request_id} in flight (it finished or never existed)")
-            if not who.may_access(record.uid):
-                raise P.ProtocolError(P.ErrorCode.PERMISSION_DENIED,
-                                      f"request {req.request_id} belongs to another uid; only its owner or root may cancel it")
-            self.loop.abort(req.request_id)
-            return {"cancelled": req.request_id}
-        if isinstance(req, P.SessionOpenRequest):
-            return {"session": await self.sessions.open(who, req.session)}
-        if isinstance(req, P.SessionListRequest):
-            return self.sessions.visible(who)
-        if isinstance(req, P.SessionDeleteRequest):
-            await self.sessions.delete(who, req.session)
-            return {"deleted": req.session}
-        raise AssertionError(f"unhandled request {req!r}")
+    async def _health(self, who: PeerCredentials, req: P.HealthRequest) -> dict[str, Any]:
+        return {"status": "draining" if self.draining else "ok", "version": __version__,
+                "protocol": P.PROTOCOL_VERSION, "uptime_s": round(time.monotonic() - self.started, 3),
+                "uid": who.uid}
+
+    async def _stats(self, who: PeerCredentials, req: P.StatsRequest) -> dict[str, Any]:
+        return await self.stats(who)
+
+    async def _requests(self, who: PeerCredentials, req: P.ListRequestsRequest) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [{"request_id": r.request_id, "uid": r.uid, "prompt_tokens": r.prompt_tokens,
+                 "session": session_ref(who, r.session) if r.session else None,
+                 "age_s": round(now - r.started, 3)}
+                for r in self.records.values() if who.may_access(r.uid)]
+
+    async def _cancel(self, who: PeerCredentials, req: P.CancelRequest) -> dict[str, Any]:
+        record = self.records.get(req.request_id)
+        if record is None:
+            raise P.ProtocolError(P.ErrorCode.NOT_FOUND,
+                                  f"no request {req.request_id} in flight (it finished or never existed)")
+        if not who.may_access(record.uid):
+            raise P.ProtocolError(P.ErrorCode.PERMISSION_DENIED,
+                                  f"request {req.request_id} belongs to another uid; only its owner or root may cancel it")
+        self.loop.abort(req.request_id)
+        return {"cancelled": req.request_id}
+
+    async def _session_open(self, who: PeerCredentials, req: P.SessionOpenRequest) -> dict[str, Any]:
+        return {"session": await self.sessions.open(who, req.session)}
+
+    async def _session_list(self, who: PeerCredentials, req: P.SessionListRequest) -> list[dict[str, Any]]:
+        return self.sessions.visible(who)
+
+    async def _session_delete(self, who: PeerCredentials, req: P.SessionDeleteRequest) -> dict[str, Any]:
+        await self.sessions.delete(who, req.session)
+        return {"deleted": req.session}
 
     async def stats(self, who: PeerCredentials) -> dict[str, Any]:
         engine_stats = self.engine.statistics().as_dict()     # a snapshot: no lock needed
@@ -411,15 +420,15 @@ class Server:
                 await conn.send(P.error_reply(req.id, P.ErrorCode.ENGINE_ERROR, out.error))
                 return
             if req.stream and any(d.token_ids or d.text for d in out.deltas):
-                await conn.send(P.reply(req.id, "delta", request_id=request_id, choices=[
-                    {"index": d.index, "token_ids": list(d.token_ids), "text": d.text} for d in out.deltas]))
+                await conn.send(P.reply(req.id, "delta", request_id=request_id,
+                                        choices=[P.delta_choice(d) for d in out.deltas]))
         if gen.engine_stopped:
             await conn.send(P.error_reply(req.id, P.ErrorCode.INTERNAL, "the engine stopped; see the daemon log"))
             return
         gen.retire()
         await conn.send(P.reply(
             req.id, "done", request_id=request_id,
-            choices=[dataclasses.asdict(c) for c in acc.choices()], prompt_token_ids=gen.prompt_ids,
+            choices=[P.final_choice(c) for c in acc.choices()], prompt_token_ids=gen.prompt_ids,
             usage=dataclasses.asdict(acc.usage(len(gen.prompt_ids))),
             timings=dataclasses.asdict(acc.timings())))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon import protocol as P
 from kvmm_daemon.daemon.auth import PeerCredentials
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvmm_daemon.engine.sampler import make_generator, sample_rows
+from kvmm_daemon.engine.sampler import make_generator, sample_rows, token_logprobs
 from kvmm_daemon.engine.sequence import Request, Sequence, next_seq_id
 from kvmm_daemon.kv.kv_manager import KVCacheManager
 
@@ -26,7 +26,7 @@ def _fork(kv: KVCacheManager, parent: Sequence, index: int) -> Sequence:
                      num_prompt_tokens=parent.num_prompt_tokens, choice_index=index,
                      num_computed_tokens=parent.num_computed_tokens, cum_logprob=parent.cum_logprob,
                      text=parent.text, emitted_chars=parent.emitted_chars,
-                     emitted_tokens=parent.emitted_tokens)
+                     emitted_tokens=parent.emitted_tokens, logprobs=list(parent.logprobs))
     kv.fork(parent.seq_id, child.seq_id)
     return child
 
@@ -50,11 +50,19 @@ def expand(req: Request, logits: torch.Tensor, kv: KVCacheManager, base_seed: in
     for i, seq in enumerate(seqs):
         if p.temperature > 0:
             seq.generator = make_generator(base_seed + i)
-    toks = sample_rows(logits.expand(len(seqs), -1), [p] * len(seqs), [s.generator for s in seqs])
-    for seq, tok in zip(seqs, toks):
-        seq.token_ids.append(tok)
+    rows = logits.expand(len(seqs), -1)
+    _append(seqs, sample_rows(rows, [p] * len(seqs), [s.generator for s in seqs]), rows, p.logprobs)
     req.seqs = seqs
     return seqs
+
+
+def _append(seqs: list[Sequence], toks: list[int], logits: torch.Tensor, logprobs: int | None) -> None:
+    """Give seqs[i] its sampled token toks[i] (and its TokenLogprob when the request asked)."""
+    lps = token_logprobs(logits, toks, logprobs) if logprobs is not None else None
+    for i, (seq, tok) in enumerate(zip(seqs, toks)):
+        seq.token_ids.append(tok)
+        if lps is not None:
+            seq.logprobs.append(lps[i])
 
 
 def beam_step(req: Request, logits: torch.Tensor, kv: KVCacheManager, eos_ids: frozenset[int]) -> list[Sequence]:
@@ -124,6 +132,5 @@ def beams_done(req: Request) -> bool:
 def sample_step(req: Request, logits: torch.Tensor) -> list[Sequence]:
     """Plain sampling step: one token for each live sequence."""
     toks = sample_rows(logits, [req.params] * len(req.seqs), [s.generator for s in req.seqs])
-    for seq, tok in zip(req.seqs, toks):
-        seq.token_ids.append(tok)
+    _append(req.seqs, toks, logits, req.params.logprobs)
     return list(req.seqs)

@@ -19,10 +19,21 @@ class Timings:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (log_softmax of the logits the
+    sampler was given, before temperature/top-k/top-p) and the `top` best tokens of that
+    step as (token id, log-prob), best first."""
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ChoiceDelta:
     index: int
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprob] | None = None    # one per token_ids entry, when asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +54,7 @@ class Choice:
     token_ids: list[int]
     finish_reason: str | None
     cum_logprob: float | None = None
+    logprobs: list[TokenLogprob] | None = None    # one per token_ids entry, when asked for
 
 
 @dataclass(slots=True)
@@ -79,17 +91,20 @@ class OutputAccumulator:
     Attributes:
       texts[i] / token_ids[i]: everything choice i produced so far, in order; exactly
         `num_choices` entries each.
+      logprobs[i]: the TokenLogprob of every token of choice i, or None if the request did
+        not ask for them (then no delta carries any).
       finish_reasons[i]: None while choice i runs; set from the latest output.
       last: the latest output taken (its usage and timings are the request's so far), None
         before the first.
     """
 
-    __slots__ = ("texts", "token_ids", "finish_reasons", "last")
+    __slots__ = ("texts", "token_ids", "logprobs", "finish_reasons", "last")
 
     def __init__(self, num_choices: int):
         assert num_choices >= 1
         self.texts: list[list[str]] = [[] for _ in range(num_choices)]
         self.token_ids: list[list[int]] = [[] for _ in range(num_choices)]
+        self.logprobs: list[list[TokenLogprob] | None] = [None] * num_choices
         self.finish_reasons: list[str | None] = [None] * num_choices
         self.last: RequestOutput | None = None
 
@@ -97,6 +112,8 @@ class OutputAccumulator:
         for d in out.deltas:
             self.texts[d.index].append(d.text)
             self.token_ids[d.index].extend(d.token_ids)
+            if d.logprobs is not None:
+                self.logprobs[d.index] = (self.logprobs[d.index] or []) + d.logprobs
         if out.finish_reasons:
             self.finish_reasons = list(out.finish_reasons)
         self.last = out
@@ -106,8 +123,8 @@ class OutputAccumulator:
         self.finish_reasons = [r or "abort" for r in self.finish_reasons]
 
     def choices(self) -> list[Choice]:
-        return [Choice(i, "".join(t), ids, r)
-                for i, (t, ids, r) in enumerate(zip(self.texts, self.token_ids, self.finish_reasons))]
+        return [Choice(i, "".join(t), ids, r, logprobs=lp) for i, (t, ids, r, lp)
+                in enumerate(zip(self.texts, self.token_ids, self.finish_reasons, self.logprobs))]
 
     def usage(self, prompt_tokens: int) -> Usage:
         if self.last is not None:

@@ -38,9 +38,12 @@ def request_output(req: Request) -> RequestOutput:
         live = req.finished if req.is_finished else []
     else:
         live = sorted(req.all_seqs(), key=lambda s: s.choice_index)
+    want_logprobs = req.params.logprobs is not None
     for seq in live:
+        start = seq.emitted_tokens
         toks, text = StopChecker.take_delta(seq, req.params)
-        deltas.append(ChoiceDelta(seq.choice_index, toks, text))
+        lps = seq.logprobs[start:start + len(toks)] if want_logprobs else None
+        deltas.append(ChoiceDelta(seq.choice_index, toks, text, lps))
         reasons.append(seq.finish_reason)
     return RequestOutput(req.request_id, deltas, req.is_finished, reasons, usage(req), timings(req), req.error)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kvmm_daemon.engine.outputs import TokenLogprob
 from kvmm_daemon.engine.sampling_params import SamplingParams
 
 
@@ -45,3 +46,14 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
         probs = torch.softmax(filter_logits(logits[i], p), dim=-1)
         out[i] = int(torch.multinomial(probs, 1, generator=gen))
     return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """Row i's log-probability of tokens[i] and its k best tokens, from the logits [N, V] the
+    sampler was given (log_softmax in float32; temperature and top-k/top-p do not apply)."""
+    assert logits.shape[0] == len(tokens) and 0 <= k
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+    top_v, top_i = (torch.topk(logp, k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+    return [TokenLogprob(t, lp, tuple(zip(ids, vals)))
+            for t, lp, ids, vals in zip(tokens, chosen, top_i.tolist(), top_v.tolist())]

@@ -7,6 +7,7 @@ from typing import Any
 from kvmm_daemon.errors import RequestError
 
 MAX_N = 16
+MAX_LOGPROBS = 20
 
 
 @dataclass(slots=True)
@@ -20,6 +21,7 @@ class SamplingParams:
     beam_width: int = 1             # >1 = beam search (deterministic)
     stop: tuple[str, ...] = ()      # stop strings (not included in the output)
     ignore_eos: bool = False
+    logprobs: int | None = None     # report each token's log-prob and this many top alternatives
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, want: str) -> RequestError:
@@ -55,6 +57,14 @@ class SamplingParams:
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", self.stop, "give a list of non-empty strings")
         self.stop = tuple(self.stop)
+        if self.logprobs is not None:
+            if isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int):
+                raise bad("logprobs", self.logprobs, "give an integer (alternatives per token) or leave it out")
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise bad("logprobs", self.logprobs, f"use 0..{MAX_LOGPROBS} alternatives per token")
+            if self.beam_width > 1:
+                raise bad("logprobs", self.logprobs, "per-token log-probabilities are not reported for "
+                                                     "beam search; use beam_width 1")
 
     @property
     def greedy(self) -> bool:

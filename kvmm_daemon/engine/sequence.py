@@ -46,6 +46,7 @@ class Sequence:
     text: str = ""               # detokenized output so far (stop strings cut it)
     emitted_chars: int = 0       # how much of `text` has been streamed
     emitted_tokens: int = 0      # how many output tokens have been streamed
+    logprobs: list = field(default_factory=list)   # TokenLogprob per output token, if asked for
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -8,7 +8,7 @@ import struct
 import time
 
 from kvmm_daemon.client import Client
-from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon import protocol as P
 
 
 OTHER_UID = OTHER_GID = 65534          # nobody / nogroup: the second identity of the tests

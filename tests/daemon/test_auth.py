@@ -5,7 +5,7 @@ import socket
 import pytest
 
 from kvmm_daemon.daemon.auth import PeerCredentials, UidLimits, blocks_needed, peer_credentials
-from kvmm_daemon.daemon.protocol import ErrorCode, ProtocolError
+from kvmm_daemon.protocol import ErrorCode, ProtocolError
 
 
 def test_peer_credentials_of_a_socketpair():

@@ -2,12 +2,17 @@
 connection, error mapping, and the connect errors."""
 from __future__ import annotations
 
+import inspect
+import os
+import subprocess
+import sys
+
 import pytest
 import trio
 
-from kvmm_daemon.client import (ERRORS, AsyncClient, Client, ConnectionLost, DaemonUnavailable,
+from kvmm_daemon.client import (ERRORS, OPERATIONS, AsyncClient, Client, ConnectionLost, DaemonUnavailable,
                                 InvalidRequest, NotFound, ServerError, error_from_reply)
-from kvmm_daemon.daemon.protocol import ErrorCode
+from kvmm_daemon.protocol import ErrorCode
 
 from .helpers import wait_idle
 
@@ -18,6 +23,25 @@ def test_every_error_code_has_a_class():
         assert isinstance(exc, ERRORS[code.value]) and exc.code == code.value and str(exc) == "m"
     exc = error_from_reply({"code": "from_the_future", "message": "m"})
     assert type(exc) is ServerError and exc.code == "from_the_future"
+
+
+def test_importing_the_client_loads_neither_the_daemon_nor_the_engine():
+    code = ("import sys, kvmm_daemon.client; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith("
+            "('kvmm_daemon.daemon', 'kvmm_daemon.engine', 'torch.'))))")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=root, env={**os.environ, "PYTHONPATH": root}).stdout
+    assert out.strip() == "[]"
+
+
+def test_both_clients_have_every_operation_of_the_table():
+    for name, spec in OPERATIONS.items():
+        assert getattr(Client, name).__doc__ == spec.doc and getattr(AsyncClient, name).__doc__ == spec.doc
+    assert all(inspect.iscoroutinefunction(getattr(AsyncClient, n)) for n in OPERATIONS)
+    assert not any(inspect.iscoroutinefunction(getattr(Client, n)) for n in OPERATIONS)
+    assert str(inspect.signature(Client.cancel)) == "(self, request_id)"
+    assert str(inspect.signature(AsyncClient.open_session)) == "(self, name=None)"
 
 
 def test_connect_errors_say_what_to_do(tmp_path):

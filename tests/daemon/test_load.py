@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from kvmm_daemon.client import AsyncClient
-from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon import protocol as P
 
 from .conftest import DaemonProcess
 from .helpers import wait_idle

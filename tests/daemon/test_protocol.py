@@ -1,8 +1,14 @@
-"""Frames and request validation of kvmm_daemon/daemon/protocol.py."""
+"""Frames and request validation of kvmm_daemon/protocol.py."""
+import functools
+
 import msgpack
 import pytest
 
-from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon import protocol as P
+from kvmm_daemon.engine.sampling_params import SamplingParams
+
+# the server's parse: the sampling map becomes SamplingParams
+parse = functools.partial(P.parse_request, make_params=SamplingParams.from_dict)
 
 
 def frame(obj) -> bytes:
@@ -56,24 +62,24 @@ def test_deep_nesting_is_bad_frame_not_a_crash():
 
 
 def test_parse_every_op():
-    assert isinstance(P.parse_request(req("health")), P.HealthRequest)
-    assert isinstance(P.parse_request(req("stats")), P.StatsRequest)
-    assert isinstance(P.parse_request(req("requests")), P.ListRequestsRequest)
-    assert P.parse_request(req("cancel", request_id="r12")) == P.CancelRequest(7, "r12")
-    assert P.parse_request(req("session.open")) == P.SessionOpenRequest(7, None)
-    assert P.parse_request(req("session.open", session="work")) == P.SessionOpenRequest(7, "work")
-    assert P.parse_request(req("session.list")) == P.SessionListRequest(7)
-    assert P.parse_request(req("session.delete", session="1000:work")) == P.SessionDeleteRequest(7, "1000:work")
+    assert isinstance(parse(req("health")), P.HealthRequest)
+    assert isinstance(parse(req("stats")), P.StatsRequest)
+    assert isinstance(parse(req("requests")), P.ListRequestsRequest)
+    assert parse(req("cancel", request_id="r12")) == P.CancelRequest(7, "r12")
+    assert parse(req("session.open")) == P.SessionOpenRequest(7, None)
+    assert parse(req("session.open", session="work")) == P.SessionOpenRequest(7, "work")
+    assert parse(req("session.list")) == P.SessionListRequest(7)
+    assert parse(req("session.delete", session="1000:work")) == P.SessionDeleteRequest(7, "1000:work")
 
 
 def test_parse_generate_fields():
-    r = P.parse_request(req("generate", messages=[{"role": "user", "content": "hi"}],
+    r = parse(req("generate", messages=[{"role": "user", "content": "hi"}],
                             params={"max_tokens": 5, "temperature": 0.5, "stop": ["\n"], "seed": 3},
                             session="chat", stream=False))
     assert r.messages == (("user", "hi"),) and r.prompt is None and r.token_ids is None
     assert r.params.max_tokens == 5 and r.params.temperature == 0.5 and r.params.stop == ("\n",)
     assert r.session == "chat" and r.stream is False and r.raw is False
-    r = P.parse_request(req("generate", token_ids=[1, 2, 3]))
+    r = parse(req("generate", token_ids=[1, 2, 3]))
     assert r.token_ids == (1, 2, 3) and r.stream is True and r.params.max_tokens == 128
 
 
@@ -106,7 +112,7 @@ def test_parse_generate_fields():
 ])
 def test_invalid_requests_name_the_problem(msg, code, needle):
     with pytest.raises(P.ProtocolError) as e:
-        P.parse_request(msg)
+        parse(msg)
     assert e.value.code.value == code
     assert needle in e.value.message
     if isinstance(msg.get("id"), int) and not isinstance(msg.get("id"), bool) and msg["id"] >= 0:

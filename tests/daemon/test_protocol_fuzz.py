@@ -4,9 +4,15 @@ The property: whatever bytes or maps arrive, the decoder and `parse_request` eit
 a well-formed result or raise ProtocolError with a known code — never anything else. Case
 counts sum to more than 10,000.
 """
+import functools
+
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon import protocol as P
+from kvmm_daemon.engine.sampling_params import SamplingParams
+
+# the server's parse: the sampling map becomes SamplingParams
+parse = functools.partial(P.parse_request, make_params=SamplingParams.from_dict)
 
 
 
@@ -45,7 +51,7 @@ request_like = st.fixed_dictionaries(
 
 def check_parse(msg):
     try:
-        r = P.parse_request(msg)
+        r = parse(msg)
     except P.ProtocolError as exc:
         assert isinstance(exc.code, P.ErrorCode) and exc.message
         assert exc.id is None or (isinstance(exc.id, int) and exc.id == msg.get("id"))

@@ -8,7 +8,7 @@ import pytest
 
 from kvmm_daemon.client import (Client, InvalidRequest, NotFound, UnknownOperation, Conflict,
                                 UnsupportedVersion)
-from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon import protocol as P
 
 from .helpers import RawConn, session_blocks, wait_idle
 
@@ -38,6 +38,21 @@ def test_stream_deltas_add_up_to_the_result(daemon):
     assert r.usage["completion_tokens"] == len(r.token_ids) == 12
     assert r.usage["prompt_tokens"] == len(r.prompt_token_ids) and r.finish_reason == "length"
     assert r.timings["ttft_s"] > 0
+
+
+def test_logprobs_ride_on_deltas_and_the_result_only_when_asked(daemon):
+    with Client(daemon.socket) as c:
+        with c.stream("The quick brown fox", raw=True, max_tokens=6, ignore_eos=True, logprobs=3) as s:
+            deltas = list(s)
+        r = s.result
+        plain = c.generate("The quick brown fox", raw=True, max_tokens=2)
+        with pytest.raises(InvalidRequest, match="logprobs"):
+            c.generate("x", max_tokens=1, logprobs=21)
+    streamed = [lp for d in deltas for lp in d.logprobs]
+    assert streamed == r.choices[0]["logprobs"] and [lp["token_id"] for lp in streamed] == r.token_ids
+    for lp in streamed:
+        assert len(lp["top_logprobs"]) == 3 and lp["top_logprobs"][0] == [lp["token_id"], lp["logprob"]]
+    assert "logprobs" not in plain.choices[0]
 
 
 def test_greedy_is_the_same_streamed_or_not_and_by_token_ids(daemon):

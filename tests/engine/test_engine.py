@@ -206,3 +206,35 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine, m
     monkeypatch.setattr(engine.runner, "execute", real)
     assert_no_leaks(engine)
     assert greedy(engine, PROMPT, n=3) == greedy(make_engine(), PROMPT, n=3)
+
+
+def test_logprobs_of_greedy_tokens_match_the_dense_reference(make_engine, tiny_model):
+    engine = make_engine()
+    res = engine.generate(PROMPT, SamplingParams(max_tokens=6, ignore_eos=True, logprobs=5))
+    choice = res.choices[0]
+    assert [lp.token_id for lp in choice.logprobs] == choice.token_ids
+    ref = torch.log_softmax(dense_logits(tiny_model, PROMPT + choice.token_ids).float(), -1)
+    for i, (tok, lp) in enumerate(zip(choice.token_ids, choice.logprobs)):
+        row = ref[len(PROMPT) - 1 + i]
+        assert abs(lp.logprob - float(row[tok])) < 1e-4
+        ids, vals = zip(*lp.top)
+        assert len(ids) == 5 and list(vals) == sorted(vals, reverse=True)
+        assert ids[0] == tok and abs(vals[0] - lp.logprob) < 1e-6       # greedy: the best one
+        assert list(ids) == torch.topk(row, 5).indices.tolist()
+    # the first token's log-prob is the one `kvmm score` reports at that position
+    scored = score(engine, PROMPT + choice.token_ids[:1])
+    assert abs(scored.logprob_of_next[-1] - choice.logprobs[0].logprob) < 1e-4
+    # off by default; sampling with n > 1 reports per choice, 0 alternatives is allowed
+    assert engine.generate(PROMPT, SamplingParams(max_tokens=2)).choices[0].logprobs is None
+    many = engine.generate(PROMPT, SamplingParams(max_tokens=3, n=2, temperature=1.0, seed=1, logprobs=0))
+    for c in many.choices:
+        assert [lp.token_id for lp in c.logprobs] == c.token_ids and all(lp.top == () for lp in c.logprobs)
+    assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize("bad", [21, -1, True, 2.0])
+def test_logprobs_out_of_range_are_refused(bad):
+    with pytest.raises(RequestError, match="logprobs"):
+        SamplingParams(logprobs=bad)
+    with pytest.raises(RequestError, match="beam"):
+        SamplingParams(logprobs=1, beam_width=2)

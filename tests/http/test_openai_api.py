@@ -58,6 +58,49 @@ def test_completions_n_seed_stop_and_temperature(oai):
     assert "".join(ch.choices[0].text for ch in streamed) == greedy
 
 
+def test_chat_logprobs_streamed_and_whole(oai):
+    kw = dict(model=MODEL, messages=USER, max_tokens=6, logprobs=True, top_logprobs=4,
+              extra_body={"ignore_eos": True})
+    whole = oai.chat.completions.create(**kw)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == 6
+    for t in content:
+        tops = [a.logprob for a in t.top_logprobs]
+        assert len(tops) == 4 and tops == sorted(tops, reverse=True)
+        assert (t.top_logprobs[0].token, t.top_logprobs[0].logprob) == (t.token, t.logprob)   # greedy
+        assert bytes(t.bytes).decode("utf-8", "replace") == t.token and t.logprob <= 0
+    chunks = list(oai.chat.completions.create(**kw, stream=True))
+    streamed = [t for ch in chunks for t in ((ch.choices[0].logprobs.content or [])
+                                             if ch.choices and ch.choices[0].logprobs else [])]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    plain = oai.chat.completions.create(model=MODEL, messages=USER, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_match_the_msgpack_client(oai, http_daemon):
+    from kvmm_daemon.client import Client
+    kw = dict(model=MODEL, prompt="The quick brown fox", max_tokens=6, logprobs=3,
+              extra_body={"ignore_eos": True})
+    lp = oai.completions.create(**kw).choices[0].logprobs
+    with Client(http_daemon.socket) as c:
+        ref = c.generate("The quick brown fox", raw=True, max_tokens=6, ignore_eos=True, logprobs=3)
+    assert lp.token_logprobs == [t["logprob"] for t in ref.choices[0]["logprobs"]]
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(6)]
+    for tok, top in zip(lp.tokens, lp.top_logprobs):
+        assert len(top) <= 3 and tok in top and list(top.values()) == sorted(top.values(), reverse=True)
+    chunks = list(oai.completions.create(**kw, stream=True))
+    got = [x for ch in chunks if ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs]
+    offsets = [x for ch in chunks if ch.choices[0].logprobs for x in ch.choices[0].logprobs.text_offset]
+    assert got == lp.token_logprobs and offsets == lp.text_offset
+
+
+@pytest.mark.parametrize("value", [21, -1, True, 1.5])
+def test_completion_logprobs_out_of_range_name_the_field(http_daemon, value):
+    with unix_http(http_daemon.http_socket) as h:
+        r = h.post("/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+
+
 def test_models_and_health(oai, http_daemon):
     assert [m.id for m in oai.models.list()] == [MODEL]
     with unix_http(http_daemon.http_socket) as h:
@@ -109,7 +152,9 @@ def test_greedy_http_equals_kvmm_run(oai, tiny_model):
     ({"model": MODEL, "messages": USER, "n": 0}, 400, "n"),
     ({"model": MODEL, "messages": USER, "max_tokens": "9"}, 400, "max_tokens"),
     ({"model": MODEL, "messages": USER, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"model": MODEL, "messages": USER, "logprobs": True}, 400, "logprobs"),
+    ({"model": MODEL, "messages": USER, "logprobs": "yes"}, 400, "logprobs"),
+    ({"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"model": MODEL, "messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
     ({"model": MODEL, "messages": USER, "frobnicate": 1}, 400, "frobnicate"),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     ({"model": MODEL, "messages": USER, "kvmm_session": "../etc"}, 400, "kvmm_session"),

@@ -1,4 +1,11 @@
-"""The kvmm wire protocol: length-prefixed msgpack frames and typed requests.
+"""The kvmm wire protocol: length-prefixed msgpack frames, typed requests, reply maps.
+
+The one module both ends import: the daemon's msgpack server (and the HTTP API, for the
+error codes) and the clients of kvmm_daemon/client.py. It is a leaf: it imports neither the
+server package nor the engine, so a client does not load torch. The sampling parameters of
+a generate are the engine's business: `parse_request` checks that they form a map of finite
+scalars and hands them to the `make_params` its caller gives (the server passes
+`SamplingParams.from_dict`; a ValueError/KvmmError from it is an INVALID_REQUEST).
 
 A frame is a 4-byte big-endian unsigned length N followed by N bytes holding one msgpack map.
 Every request map carries `v` (protocol version, `PROTOCOL_VERSION`), `id` (a client-chosen
@@ -20,14 +27,14 @@ import math
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
-from kvmm_daemon.engine.sampling_params import SamplingParams
-from kvmm_daemon.errors import RequestError
+from kvmm_daemon.errors import KvmmError
 
 PROTOCOL_VERSION = 1
+DEFAULT_SOCKET = "/run/kvmm/kvmm.sock"
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 1 << 20          # requests: a prompt of ~1 MiB is more than any context
 CLIENT_MAX_FRAME = 64 << 20          # replies: a long final message with every token id
@@ -138,7 +145,7 @@ class GenerateRequest:
     messages: tuple[tuple[str, str], ...] | None     # (role, content) pairs
     token_ids: tuple[int, ...] | None
     raw: bool
-    params: SamplingParams
+    params: Any                                      # what make_params made of the params map
     session: str | None                              # a session reference, see SESSION_REF_RE
     stream: bool
 
@@ -185,17 +192,6 @@ Request = (GenerateRequest | CancelRequest | ListRequestsRequest | SessionOpenRe
            | SessionListRequest | SessionDeleteRequest | StatsRequest | HealthRequest)
 
 _COMMON = frozenset({"v", "id", "op"})
-# op -> keys allowed besides v/id/op
-OPS: dict[str, frozenset[str]] = {
-    "generate": frozenset({"prompt", "messages", "token_ids", "raw", "params", "session", "stream"}),
-    "cancel": frozenset({"request_id"}),
-    "requests": frozenset(),
-    "session.open": frozenset({"session"}),
-    "session.list": frozenset(),
-    "session.delete": frozenset({"session"}),
-    "stats": frozenset(),
-    "health": frozenset(),
-}
 
 
 def _invalid(rid: int, message: str) -> ProtocolError:
@@ -213,7 +209,12 @@ def _session_ref(rid: int, value: Any, *, key: str = "session") -> str:
     return value
 
 
-def parse_request(msg: dict[str, Any]) -> Request:
+def params_map(params: dict[str, Any]) -> dict[str, Any]:
+    """The default `make_params`: the checked map itself."""
+    return params
+
+
+def parse_request(msg: dict[str, Any], *, make_params: Callable[[dict[str, Any]], Any] = params_map) -> Request:
     """Validate one decoded request map into a typed request; ProtocolError otherwise."""
     raw_id = msg.get("id")
     rid = raw_id if _is_int(raw_id) and 0 <= raw_id <= MAX_ID else None
@@ -228,35 +229,38 @@ def parse_request(msg: dict[str, Any]) -> Request:
     if not isinstance(op, str) or op not in OPS:
         raise ProtocolError(ErrorCode.UNKNOWN_OP,
                             f"unknown op {op!r}; known ops: {', '.join(OPS)}", id=rid)
-    extra = set(msg) - _COMMON - OPS[op]
+    keys, parse = OPS[op]
+    extra = set(msg) - _COMMON - keys
     if extra:
         names = ", ".join(sorted(map(repr, extra)))
         raise _invalid(rid, f"op {op} does not take key(s) {names}; "
-                            f"allowed: {', '.join(sorted(OPS[op])) or 'none'}")
-    if op == "generate":
-        return _parse_generate(rid, msg)
-    if op == "cancel":
-        req_id = msg.get("request_id")
-        if not isinstance(req_id, str) or not REQUEST_ID_RE.match(req_id):
-            raise _invalid(rid, f"request_id {req_id!r} is not a request id (like 'r12')")
-        return CancelRequest(rid, req_id)
-    if op == "session.open":
-        name = msg.get("session")
-        if name is not None:
-            if not isinstance(name, str) or not SESSION_NAME_RE.match(name):
-                raise _invalid(rid, f"session {name!r} is not a session name; use 1-64 of "
-                                    f"A-Z a-z 0-9 . _ - starting with a letter or digit")
-        return SessionOpenRequest(rid, name)
-    if op == "session.delete":
-        if "session" not in msg:
-            raise _invalid(rid, "session.delete needs the key 'session'")
-        return SessionDeleteRequest(rid, _session_ref(rid, msg["session"]))
-    simple = {"requests": ListRequestsRequest, "session.list": SessionListRequest,
-              "stats": StatsRequest, "health": HealthRequest}
-    return simple[op](rid)
+                            f"allowed: {', '.join(sorted(keys)) or 'none'}")
+    return parse(rid, msg, make_params)
 
 
-def _parse_generate(rid: int, msg: dict[str, Any]) -> GenerateRequest:
+def _parse_cancel(rid: int, msg: dict[str, Any], make_params: Any) -> CancelRequest:
+    req_id = msg.get("request_id")
+    if not isinstance(req_id, str) or not REQUEST_ID_RE.match(req_id):
+        raise _invalid(rid, f"request_id {req_id!r} is not a request id (like 'r12')")
+    return CancelRequest(rid, req_id)
+
+
+def _parse_session_open(rid: int, msg: dict[str, Any], make_params: Any) -> SessionOpenRequest:
+    name = msg.get("session")
+    if name is not None:
+        if not isinstance(name, str) or not SESSION_NAME_RE.match(name):
+            raise _invalid(rid, f"session {name!r} is not a session name; use 1-64 of "
+                                f"A-Z a-z 0-9 . _ - starting with a letter or digit")
+    return SessionOpenRequest(rid, name)
+
+
+def _parse_session_delete(rid: int, msg: dict[str, Any], make_params: Any) -> SessionDeleteRequest:
+    if "session" not in msg:
+        raise _invalid(rid, "session.delete needs the key 'session'")
+    return SessionDeleteRequest(rid, _session_ref(rid, msg["session"]))
+
+
+def _parse_generate(rid: int, msg: dict[str, Any], make_params: Callable[[dict[str, Any]], Any]) -> GenerateRequest:
     given = [k for k in ("prompt", "messages", "token_ids") if msg.get(k) is not None]
     if len(given) != 1:
         raise _invalid(rid, f"generate needs exactly one of prompt, messages, token_ids "
@@ -289,14 +293,32 @@ def _parse_generate(rid: int, msg: dict[str, Any]) -> GenerateRequest:
         if _is_int(value) and not -(1 << 63) <= value < (1 << 64):
             raise _invalid(rid, f"sampling parameter {key}={value!r} is out of range")
     try:
-        params = SamplingParams.from_dict(params_in)
-    except RequestError as exc:
+        params = make_params(params_in)
+    except (KvmmError, ValueError, TypeError) as exc:
         raise _invalid(rid, str(exc)) from None
     session = msg.get("session")
     if session is not None:
         session = _session_ref(rid, session)
     return GenerateRequest(rid, prompt, messages, token_ids, flags["raw"], params, session,
                            flags["stream"])
+
+
+def _simple(cls: type) -> Callable[[int, dict[str, Any], Any], Any]:
+    return lambda rid, msg, make_params: cls(rid)
+
+
+# op -> (keys allowed besides v/id/op, parser)
+OPS: dict[str, tuple[frozenset[str], Callable[[int, dict[str, Any], Any], Request]]] = {
+    "generate": (frozenset({"prompt", "messages", "token_ids", "raw", "params", "session", "stream"}),
+                 _parse_generate),
+    "cancel": (frozenset({"request_id"}), _parse_cancel),
+    "requests": (frozenset(), _simple(ListRequestsRequest)),
+    "session.open": (frozenset({"session"}), _parse_session_open),
+    "session.list": (frozenset(), _simple(SessionListRequest)),
+    "session.delete": (frozenset({"session"}), _parse_session_delete),
+    "stats": (frozenset(), _simple(StatsRequest)),
+    "health": (frozenset(), _simple(HealthRequest)),
+}
 
 
 def _parse_messages(rid: int, value: Any) -> tuple[tuple[str, str], ...]:
@@ -313,6 +335,30 @@ def _parse_messages(rid: int, value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+# ---------------------------------------------------------------------------------- the client's side
+
+def request(id: int, op: str, **fields: Any) -> dict[str, Any]:
+    """The request map of any op but generate."""
+    return {"v": PROTOCOL_VERSION, "id": id, "op": op, **fields}
+
+
+def generate_message(id: int, prompt: str | None, *, messages=None, token_ids=None, raw=False,
+                     session: str | None = None, stream: bool = True, **params: Any) -> dict[str, Any]:
+    """The request map of a generate; None-valued sampling parameters are left out."""
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": id, "op": "generate", "raw": raw, "stream": stream,
+                           "params": {k: (list(v) if k == "stop" else v) for k, v in params.items() if v is not None}}
+    if prompt is not None:
+        msg["prompt"] = prompt
+    if messages is not None:
+        msg["messages"] = [dict(m) for m in messages]
+    if token_ids is not None:
+        msg["token_ids"] = [int(t) for t in token_ids]
+    if session is not None:
+        msg["session"] = session
+    return msg
+
+
+
 # ---------------------------------------------------------------------------------- replies
 
 def reply(id: int | None, type: str, **fields: Any) -> dict[str, Any]:
@@ -321,3 +367,26 @@ def reply(id: int | None, type: str, **fields: Any) -> dict[str, Any]:
 
 def error_reply(id: int | None, code: ErrorCode, message: str) -> dict[str, Any]:
     return reply(id, "error", code=code.value, message=message)
+
+
+def logprobs_wire(logprobs: Any) -> list[dict[str, Any]]:
+    """Per-token log-probabilities as sent: {token_id, logprob, top_logprobs: [[id, lp]...]}."""
+    return [{"token_id": lp.token_id, "logprob": lp.logprob, "top_logprobs": [list(t) for t in lp.top]}
+            for lp in logprobs]
+
+
+def delta_choice(d: Any) -> dict[str, Any]:
+    """One choice of a `delta` reply; `logprobs` only when the request asked for them."""
+    out = {"index": d.index, "token_ids": list(d.token_ids), "text": d.text}
+    if d.logprobs is not None:
+        out["logprobs"] = logprobs_wire(d.logprobs)
+    return out
+
+
+def final_choice(c: Any) -> dict[str, Any]:
+    """One choice of a `done` reply; `logprobs` only when the request asked for them."""
+    out = {"index": c.index, "text": c.text, "token_ids": list(c.token_ids),
+           "finish_reason": c.finish_reason, "cum_logprob": c.cum_logprob}
+    if c.logprobs is not None:
+        out["logprobs"] = logprobs_wire(c.logprobs)
+    return out

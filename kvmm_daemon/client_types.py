@@ -2,7 +2,7 @@
 and the fold of a generate's replies (accepted, delta..., done) into them.
 
 Shared by the sync and trio clients of kvmm_daemon/client.py, which re-exports every name;
-import from there.
+import from there. Like the protocol module it imports neither the server nor the engine.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmm_daemon.daemon import protocol as P
+from kvmm_daemon import protocol as P
 from kvmm_daemon.errors import KvmmError
 
 
@@ -71,6 +71,7 @@ class Delta:
     index: int
     token_ids: list[int]
     text: str
+    logprobs: list[dict[str, Any]] | None = None   # {token_id, logprob, top_logprobs}, if asked
 
 
 @dataclass(slots=True)
@@ -102,22 +103,6 @@ class Result:
         return d
 
 
-def generate_message(id: int, prompt: str | None, *, messages=None, token_ids=None, raw=False,
-                     session: str | None = None, stream: bool = True, **params: Any) -> dict[str, Any]:
-    """The request map of a generate; None-valued sampling parameters are left out."""
-    msg: dict[str, Any] = {"v": P.PROTOCOL_VERSION, "id": id, "op": "generate", "raw": raw, "stream": stream,
-                           "params": {k: (list(v) if k == "stop" else v) for k, v in params.items() if v is not None}}
-    if prompt is not None:
-        msg["prompt"] = prompt
-    if messages is not None:
-        msg["messages"] = [dict(m) for m in messages]
-    if token_ids is not None:
-        msg["token_ids"] = [int(t) for t in token_ids]
-    if session is not None:
-        msg["session"] = session
-    return msg
-
-
 @dataclass(slots=True)
 class Collector:
     """Folds the replies of one generate into deltas and the final Result."""
@@ -134,7 +119,8 @@ class Collector:
             self.request_id = msg["request_id"]
         elif kind == "delta":
             for c in msg["choices"]:
-                self.pending.append(Delta(msg["request_id"], c["index"], c["token_ids"], c["text"]))
+                self.pending.append(Delta(msg["request_id"], c["index"], c["token_ids"], c["text"],
+                                          c.get("logprobs")))
         elif kind == "done":
             self.result = Result(msg["request_id"], msg["choices"], msg["prompt_token_ids"],
                                  msg["usage"], msg["timings"])
