@@ -150,6 +150,7 @@ class IOScheduler:
             for p in pieces:
                 self._queue.push(p)
             self._cond.notify_all()
+            self.backend.wake()
         return req
 
     @contextlib.contextmanager
@@ -237,6 +238,10 @@ class IOScheduler:
             self._end_flight(t)
             return None
 
+    def _has_takeable(self) -> bool:
+        """_take(block=False) would return a transfer now (caller holds the lock)."""
+        return bool(len(self._queue)) and (not self._paused or self._closing)
+
     def _count_syscalls(self, n: int) -> None:
         with self._lock:
             self._syscalls += n
@@ -273,6 +278,7 @@ class IOScheduler:
         with self._lock:
             self._paused = paused
             self._cond.notify_all()
+            self.backend.wake()
 
     # -- reporting and shutdown ------------------------------------------------------------
     def statistics(self) -> IOStats:

@@ -270,6 +270,8 @@ class SlotStore:
                     pending.crcs.append(crc)
                 pending.requests.append(sched.submit_writev(
                     self._fd, self._offset(items[a][0]), iov[2 * a:2 * b], priority=priority))
+                time.sleep(0)   # let the backend's thread take it now (GIL) rather than
+                                # after the next switch interval, 5 ms of hashing later
         except BaseException:
             self._settle(pending, write=True)   # what went out must land before scratch goes
             raise
