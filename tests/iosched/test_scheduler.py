@@ -259,3 +259,26 @@ def test_vectored_request_scatters_and_gathers_in_order(backend, data, buf):
         with pytest.raises(ValueError, match="length"):
             s.submit_readv(fd, 0, [buf.view[:4 * KiB], buf.view[8 * KiB:8 * KiB + 100]],
                            priority=Priority.KV_SWAP_IN)
+
+
+def test_new_work_is_served_while_a_transfer_is_in_flight(backend, data, buf):
+    """A read that cannot finish (an empty pipe) is in flight; a file read submitted after it
+    still completes at once (the io_uring dispatcher is woken for new work, not only by
+    completions)."""
+    if backend == "preadv":
+        pytest.skip("preadv cannot read a pipe at an offset (ESPIPE); its workers wait on the"
+                    " scheduler's condition and need no wake-up")
+    _, content, fd = data
+    r, w = os.pipe()
+    try:
+        with make(backend, qd=4) as s:
+            stuck = s.submit_read(r, 0, bytearray(4 * KiB), priority=Priority.KV_SWAP_IN)
+            _wait_until(lambda: s.statistics().max_in_flight >= 1, "the pipe read in flight")
+            req = s.submit_read(fd, 0, buf.view[:64 * KiB], priority=Priority.KV_SWAP_IN)
+            assert s.wait(req, timeout=5) == 64 * KiB and not stuck.done()
+            assert bytes(buf.view[:64 * KiB]) == content[:64 * KiB]
+            os.write(w, b"x" * (4 * KiB))
+            assert s.wait(stuck, timeout=5) == 4 * KiB
+    finally:
+        os.close(r)
+        os.close(w)
