@@ -182,10 +182,13 @@ def _torch_uint8() -> Any:
 
 
 def address_of(view: memoryview) -> int:
-    """Virtual address of view[0] (works for read-only views too)."""
+    """Virtual address of view[0] (works for read-only views too). On the I/O path: a
+    writable view goes through ctypes (~0.3 us), a read-only one through numpy (~2 us)."""
     if len(view) == 0:
         return 0
-    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+    if not view.readonly:
+        return _address_of_writable(view)
+    return np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
 
 
 def is_direct_io_capable(view: memoryview) -> bool:

@@ -51,6 +51,9 @@ class PreadvBackend:
                     res = e
                 t = sched._complete(t, res, syscalls=1)
 
+    def wake(self) -> None:
+        """New work was queued: the workers wait on the scheduler's condition already."""
+
     def stop(self) -> None:
         for t in self._threads:
             t.join()

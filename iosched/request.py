@@ -24,9 +24,11 @@ class IORequest:
 
     Attributes:
       op: "read" or "write".
-      fd, offset, length: the file range; length == len(buffer) > 0.
-      buffer: the caller's memory (a flat byte memoryview), read into or written from; the
-        caller must not touch it until `done()`.
+      fd, offset, length: the file range; length == sum of len(buffers) > 0.
+      buffers: the caller's memory (flat byte memoryviews, filled from / written to the
+        file range in order; one for submit_read/submit_write, several for the vectored
+        submit_readv/submit_writev); the caller must not touch them until `done()`.
+      buffer: buffers[0] when there is one buffer, else None.
       priority: the current service class (raised to WEIGHT_READ by a promoting wait while
         any piece is still queued); deadline: time.monotonic() seconds or None (= last).
       result: bytes transferred, set iff done() and the transfer succeeded (== length).
@@ -36,17 +38,18 @@ class IORequest:
     Invariant: done() iff _pieces_left == 0 and exactly one of result/error is set.
     """
 
-    __slots__ = ("op", "fd", "offset", "length", "buffer", "priority", "deadline", "result",
+    __slots__ = ("op", "fd", "offset", "length", "buffers", "buffer", "priority", "deadline", "result",
                  "error", "completion_index", "submitted_at", "_pieces_left", "_event",
                  "_pieces")
 
-    def __init__(self, op: str, fd: int, offset: int, buffer: memoryview,
+    def __init__(self, op: str, fd: int, offset: int, buffers: list[memoryview],
                  priority: Priority, deadline: float | None, submitted_at: float) -> None:
         self.op = op
         self.fd = fd
         self.offset = offset
-        self.buffer = buffer
-        self.length = len(buffer)
+        self.buffers = tuple(buffers)
+        self.buffer = buffers[0] if len(buffers) == 1 else None
+        self.length = sum(len(b) for b in buffers)
         self.priority = Priority(priority)
         self.deadline = deadline
         self.result: int | None = None

@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from iosched.aligned_buffer import ALIGN, address_of
@@ -104,45 +104,54 @@ class IOScheduler:
     # -- submitting ----------------------------------------------------------------------
     def submit_read(self, fd: int, offset: int, buffer: Any, *, priority: Priority,
                     deadline: float | None = None) -> IORequest:
-        return self._submit("read", fd, offset, buffer, priority, deadline)
+        return self._submit("read", fd, offset, (buffer,), priority, deadline)
 
     def submit_write(self, fd: int, offset: int, buffer: Any, *, priority: Priority,
                      deadline: float | None = None) -> IORequest:
-        return self._submit("write", fd, offset, buffer, priority, deadline)
+        return self._submit("write", fd, offset, (buffer,), priority, deadline)
 
-    def _submit(self, op: str, fd: int, offset: int, buffer: Any, priority: Priority,
+    def submit_readv(self, fd: int, offset: int, buffers: Sequence[Any], *, priority: Priority,
+                     deadline: float | None = None) -> IORequest:
+        """One request over the contiguous file range starting at `offset` that fills
+        `buffers` in order (scatter): one handle and one wait however many buffers."""
+        return self._submit("read", fd, offset, buffers, priority, deadline)
+
+    def submit_writev(self, fd: int, offset: int, buffers: Sequence[Any], *, priority: Priority,
+                      deadline: float | None = None) -> IORequest:
+        """Gather counterpart of submit_readv."""
+        return self._submit("write", fd, offset, buffers, priority, deadline)
+
+    def _submit(self, op: str, fd: int, offset: int, buffers: Sequence[Any], priority: Priority,
                 deadline: float | None) -> IORequest:
-        view = memoryview(buffer)
-        if view.ndim != 1 or view.format not in ("B", "b", "c"):
-            view = view.cast("B")
-        if not view.c_contiguous:
-            raise ValueError("I/O buffer must be C-contiguous")
-        if op == "read" and view.readonly:
-            raise ValueError("read into a read-only buffer; pass a writable one (bytearray,"
-                             " AlignedBuffer.view, a numpy array)")
-        if len(view) == 0:
-            raise ValueError(f"empty {op} at offset {offset}; lengths must be positive")
         if offset < 0:
             raise ValueError(f"negative file offset {offset}")
-        _check_direct_alignment(fd, offset, view)
-        req = IORequest(op, fd, offset, view, priority, deadline, time.monotonic())
+        if not buffers:
+            raise ValueError(f"{op} at offset {offset} names no buffer")
+        views = [_flat_view(b, op, offset) for b in buffers]
+        _check_direct_alignment(fd, offset, views)
+        req = IORequest(op, fd, offset, views, priority, deadline, time.monotonic())
         step = self.profile.request_bytes
         with self._lock:
             if self._closing:
                 raise IOSchedError(f"I/O scheduler {self.name!r} is closed; submit before close()")
             pieces = []
-            for start in range(0, req.length, step):
-                pieces.append(Piece(req, offset + start, view[start:start + step], self._seq))
-                self._seq += 1
+            pos = offset
+            for view in views:
+                for start in range(0, len(view), step):
+                    piece = Piece(req, pos, view[start:start + step], self._seq)
+                    pieces.append(piece)
+                    pos += piece.length
+                    self._seq += 1
             req._pieces = list(pieces)
             req._pieces_left = len(pieces)
-            self._splits += len(pieces) - 1
+            self._splits += sum(-(-len(v) // step) - 1 for v in views)
             self._bytes_by_prio[req.priority.name] += req.length
             self._reqs_by_prio[req.priority.name] += 1
             self._outstanding += len(pieces)
             for p in pieces:
                 self._queue.push(p)
             self._cond.notify_all()
+            self.backend.wake()
         return req
 
     @contextlib.contextmanager
@@ -230,6 +239,10 @@ class IOScheduler:
             self._end_flight(t)
             return None
 
+    def _has_takeable(self) -> bool:
+        """_take(block=False) would return a transfer now (caller holds the lock)."""
+        return bool(len(self._queue)) and (not self._paused or self._closing)
+
     def _count_syscalls(self, n: int) -> None:
         with self._lock:
             self._syscalls += n
@@ -266,6 +279,7 @@ class IOScheduler:
         with self._lock:
             self._paused = paused
             self._cond.notify_all()
+            self.backend.wake()
 
     # -- reporting and shutdown ------------------------------------------------------------
     def statistics(self) -> IOStats:
@@ -308,15 +322,31 @@ class IOScheduler:
         self.close()
 
 
-def _check_direct_alignment(fd: int, offset: int, view: memoryview) -> None:
+def _flat_view(buffer: Any, op: str, offset: int) -> memoryview:
+    view = memoryview(buffer)
+    if view.ndim != 1 or view.format not in ("B", "b", "c"):
+        view = view.cast("B")
+    if not view.c_contiguous:
+        raise ValueError("I/O buffer must be C-contiguous")
+    if op == "read" and view.readonly:
+        raise ValueError("read into a read-only buffer; pass a writable one (bytearray,"
+                         " AlignedBuffer.view, a numpy array)")
+    if len(view) == 0:
+        raise ValueError(f"empty {op} at offset {offset}; lengths must be positive")
+    return view
+
+
+def _check_direct_alignment(fd: int, offset: int, views: Sequence[memoryview]) -> None:
     try:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError:
         return   # a bad fd fails in the backend, as the request's error
     if not flags & getattr(os, "O_DIRECT", 0):
         return
-    for what, value in (("file offset", offset), ("length", len(view)),
-                        ("buffer address", address_of(view))):
+    checks = [("file offset", offset)]
+    for view in views:
+        checks += [("length", len(view)), ("buffer address", address_of(view))]
+    for what, value in checks:
         if value % ALIGN:
             raise ValueError(f"O_DIRECT fd {fd}: {what} {value:#x} is not a multiple of"
                              f" {ALIGN}; use iosched.AlignedBuffer and {ALIGN}-aligned ranges")

@@ -7,14 +7,22 @@ io_uring_enter, then wait for at least one completion and reap every completion 
 there. A short or failed completion the scheduler wants retried is queued again at once.
 So a batch of n transfers costs about two syscalls instead of n.
 
-Prior art: liburing's io_uring-cp example, RocksDB's io_uring MultiRead, fio's ioengine.
-Left out: waking the dispatcher for new work while it waits on the ring (work that arrives
-then is taken at the next completion, at most one transfer later), SQPOLL, fixed buffers.
+New work that arrives while transfers are in flight and the ring has room wakes the
+dispatcher at once: an eventfd registered on the ring (liburing's io_uring_register_eventfd)
+signals completions, a second eventfd signals new work, and the dispatcher polls both
+instead of blocking in the ring. (Without that, a batch submitted piece by piece — swapfs
+hashes a run of slots, submits it, hashes the next — ran with one transfer in flight until
+the first completion.) Where the registration is refused the dispatcher blocks in the ring
+as before and takes such work at the next completion.
+
+Prior art: liburing's io_uring-cp example, RocksDB's io_uring MultiRead, fio's ioengine,
+the eventfd-driven rings of libuv and SPDK. Left out: SQPOLL, fixed buffers.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import select
 import threading
 from typing import TYPE_CHECKING
 
@@ -34,7 +42,11 @@ class _Iovec(ctypes.Structure):
 class UringBackend:
     """Attributes: name ("io_uring"); queue_depth: transfers in flight at most; entries: the
     ring's SQ size (>= queue_depth); _ring: the native ring (None after stop());
-    _thread: the dispatcher. The dispatcher alone touches the ring after start()."""
+    _thread: the dispatcher. The dispatcher alone touches the ring after start().
+    _cq_fd: eventfd the ring signals on every completion, _wake_fd: eventfd submitters
+      signal; both -1 when the registration was refused (then the dispatcher blocks in the
+      ring). _sleeping: the dispatcher is in (or about to enter) poll() with transfers in
+      flight; set and cleared under the scheduler's lock, where wake() reads it."""
 
     name = "io_uring"
 
@@ -44,6 +56,19 @@ class UringBackend:
         self.queue_depth = queue_depth
         self.entries = entries
         self._thread: threading.Thread | None = None
+        self._sleeping = False
+        self._cq_fd = self._wake_fd = -1
+        try:
+            uring = ctypes.CDLL("liburing.so.2")
+            cq_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            if uring.io_uring_register_eventfd(ctypes.c_void_p(ring), cq_fd) == 0:
+                # (the binding's struct kvr starts with its struct io_uring)
+                self._cq_fd = cq_fd
+                self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            else:
+                os.close(cq_fd)
+        except (OSError, AttributeError):
+            pass
 
     @classmethod
     def create(cls, queue_depth: int) -> tuple[UringBackend | None, str]:
@@ -112,8 +137,11 @@ class UringBackend:
                     queued = 0
                     continue
                 queued = 0
-            n = lib.kvr_reap(ring, 1, ud_arr, res_arr, qd, ctypes.byref(entered))
-            sched._count_syscalls(entered.value)
+            if self._wake_fd >= 0 and len(in_flight) < qd:
+                n = self._reap_or_wake(sched, ud_arr, res_arr, entered)
+            else:
+                n = lib.kvr_reap(ring, 1, ud_arr, res_arr, qd, ctypes.byref(entered))
+                sched._count_syscalls(entered.value)
             if n < 0:
                 raise OSError(-n, f"io_uring wait failed: {os.strerror(-n)}")
             for i in range(n):
@@ -125,6 +153,34 @@ class UringBackend:
                     in_flight[next_ud] = again
                     next_ud += 1
                     queued += 1
+
+    def _reap_or_wake(self, sched: IOScheduler, ud_arr, res_arr, entered) -> int:
+        """Completions that are there; if none and no new work is queued, sleep until a
+        completion or new work (wake()) arrives. May return 0 (new work only)."""
+        _drain(self._cq_fd)
+        n = self._lib.kvr_reap(self._ring, 0, ud_arr, res_arr, self.queue_depth,
+                               ctypes.byref(entered))
+        if n != 0:
+            return n
+        with sched._lock:
+            self._sleeping = not sched._has_takeable()
+        if self._sleeping:
+            poller = select.poll()
+            poller.register(self._cq_fd, select.POLLIN)
+            poller.register(self._wake_fd, select.POLLIN)
+            poller.poll()
+            sched._count_syscalls(1)
+            with sched._lock:
+                self._sleeping = False
+            _drain(self._wake_fd)
+        return self._lib.kvr_reap(self._ring, 0, ud_arr, res_arr, self.queue_depth,
+                                  ctypes.byref(entered))
+
+    def wake(self) -> None:
+        """New work was queued (called under the scheduler's lock)."""
+        if self._sleeping:
+            self._sleeping = False
+            os.eventfd_write(self._wake_fd, 1)
 
     def _finish(self, sched: IOScheduler, t: Transfer, err: OSError,
                 in_flight: dict[int, Transfer]) -> None:
@@ -138,3 +194,14 @@ class UringBackend:
         if self._ring is not None:
             self._lib.kvr_close(self._ring)
             self._ring = None
+        for fd in (self._cq_fd, self._wake_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._cq_fd = self._wake_fd = -1
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass

@@ -1,9 +1,12 @@
 """`kvmm bench swap`: swap-out/swap-in bandwidth through SwapSpace beside plain O_DIRECT
-writes/reads of the same bytes on the same file system, in the same run.
+writes/reads of the same bytes of the same file, in the same run.
 
-The plain baseline is the fastest Python gets here: huge-page buffers (AlignedBuffer),
-preadv/pwritev of 1 MiB and 4 MiB requests from 4 and 8 threads into a preallocated, already
-written file; the best of those four configurations counts. SwapSpace moves blocks of
+SwapSpace runs on an IOScheduler built as the engine builds its one (backend "auto",
+--threads in flight, --request-mib requests). The plain baseline is the fastest plain Python
+gets at the same queue depth: the same huge-page arena, the same slot file (its slot area,
+already written), preadv/pwritev of 1, 2 and 4 MiB requests (and the scheduler's request
+size) from half and all of --threads threads; the best configuration counts. SwapSpace
+moves blocks of
 SmolLM2's geometry (30 layers x 16 tokens x 3 KV heads x 64 x fp32 = 720 KiB) from and into
 a huge-page arena the way the engine will (a batch per preempted request), paying for its
 slot headers and checksums (xxh3-64 when the xxhash package is installed, else crc32c or
@@ -22,10 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from iosched import DeviceProfile, IOScheduler
 from iosched.aligned_buffer import AlignedBuffer
 from swapfs.layout import KVLayout
 from swapfs.slot_store import SUPER_BYTES, slot_stride
-from swapfs.swap_space import SwapSpace
+from swapfs.swap_space import SLOT_FILE, SwapSpace
 
 SMOLLM2 = dict(num_layers=30, block_size=16, num_kv_heads=3, head_dim=64, dtype="float32")
 
@@ -40,18 +44,24 @@ def register_args(parser: argparse.ArgumentParser) -> None:
                         help="blocks per swap_out/swap_in call (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the best counts")
     parser.add_argument("--threads", type=int, default=8,
-                        help="SwapSpace I/O threads (default 8, its default); the plain runs"
-                             " try 4 and 8 threads")
+                        help="transfers in flight: the swap scheduler's queue depth (default 8);"
+                             " the plain runs try half of it and all of it")
+    parser.add_argument("--request-mib", type=int, default=4,
+                        help="the swap scheduler's request size in MiB (default 4)")
+    parser.add_argument("--backend", default=os.environ.get("KVMM_IOSCHED_BACKEND", "auto"),
+                        choices=("auto", "io_uring", "preadv"),
+                        help="the swap scheduler's backend (default auto, as the engine)")
 
 
 def _plain(fd: int, view: memoryview, request: int, threads: int, write: bool) -> float:
+    """Bandwidth of moving `view` to/from the file range starting at SUPER_BYTES."""
     size = len(view)
     fn = os.pwritev if write else os.preadv
 
     def worker(k: int) -> None:
         for off in range(k * request, size, request * threads):
             n = min(request, size - off)
-            assert fn(fd, [view[off:off + n]], off) == n
+            assert fn(fd, [view[off:off + n]], SUPER_BYTES + off) == n
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -68,23 +78,27 @@ def run_swap_bench(args: argparse.Namespace) -> dict:
     nblocks = max(args.batch_blocks, (args.total_mib << 20) // bb)
     total = nblocks * bb
     arena = AlignedBuffer(total)
-    space = fd = None
+    space = fd = sched = None
+    backend = ""
     try:
         np.frombuffer(arena.view, dtype=np.uint8)[:total] = \
             np.random.default_rng(0).integers(0, 256, total, dtype=np.uint8)
         blocks = [arena.view[i * bb:(i + 1) * bb] for i in range(nblocks)]
-        space = SwapSpace(os.path.join(work, "swap"),
-                          SUPER_BYTES + (nblocks + 1) * slot_stride(bb), layout,
-                          io_threads=args.threads, calibrate=False)
-        path = os.path.join(work, "plain.bin")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
-        os.posix_fallocate(fd, 0, total)
-        _plain(fd, arena.view[:total], 1 << 20, args.threads, write=True)  # written extents
+        request = args.request_mib << 20
+        sched = IOScheduler(backend=args.backend, name="bench-swap", profile=DeviceProfile(
+            queue_depth=args.threads, request_bytes=request, read_bandwidth=0.0,
+            measured_on="kvmm bench swap"))
+        space = SwapSpace(work, SUPER_BYTES + (nblocks + 1) * slot_stride(bb), layout,
+                          calibrate=False, scheduler=sched)
         batches = [blocks[i:i + args.batch_blocks] for i in range(0, nblocks, args.batch_blocks)]
-        _swap_round(space, batches)                                  # same for the slot file
+        _swap_round(space, batches)                    # every slot written once (extents)
+        # The plain runs use the slot area of the same file (what swap rounds write anyway).
+        fd = os.open(os.path.join(work, SLOT_FILE), os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
         best = {k: 0.0 for k in ("plain_write", "plain_read", "swap_out", "swap_in")}
         data = arena.view[:total]
-        plain_configs = [(r, t) for r in (1 << 20, 4 << 20) for t in (4, 8)]
+        sizes = sorted({1 << 20, 2 << 20, 4 << 20, request})
+        plain_configs = [(r, t) for r in sizes for t in sorted({max(1, args.threads // 2),
+                                                                args.threads})]
         for _ in range(args.repeats):
             for request, threads in plain_configs:
                 best["plain_write"] = max(best["plain_write"],
@@ -105,6 +119,9 @@ def run_swap_bench(args: argparse.Namespace) -> dict:
             os.close(fd)
         if space is not None:
             space.close()
+        if sched is not None:
+            backend = sched.backend_reason
+            sched.close()
         arena.close()
         shutil.rmtree(work, ignore_errors=True)
         if args.dir is None:
@@ -117,7 +134,8 @@ def run_swap_bench(args: argparse.Namespace) -> dict:
         "plain_write_gbps": best["plain_write"] / gb, "plain_read_gbps": best["plain_read"] / gb,
         "persist_gbps": persist / gb, "commit_seconds": stats.commit_seconds,
         "block_bytes": bb, "bytes_per_round": total, "batch_blocks": args.batch_blocks,
-        "io_threads": args.threads, "repeats": args.repeats, "direct_io": stats.direct_io,
+        "io_threads": args.threads, "request_bytes": args.request_mib << 20,
+        "backend": backend, "repeats": args.repeats, "direct_io": stats.direct_io,
         "checksum": space_checksum,
         "arena_huge_page_fraction": huge / arena.nbytes, "file_system_dir": base,
     }
@@ -149,7 +167,8 @@ def _persist_round(space: SwapSpace, batch) -> float:
 def _print_table(r: dict) -> None:
     print(f"kvmm bench swap: {r['bytes_per_round'] >> 20} MiB per direction, blocks of"
           f" {r['block_bytes']} B, {r['batch_blocks']} blocks per call, {r['io_threads']}"
-          f" threads, best of {r['repeats']}")
+          f" in flight, {r['request_bytes'] >> 20} MiB requests, best of {r['repeats']}")
+    print(f"swap scheduler: {r['backend']}")
     print(f"{'':10}{'swapfs GB/s':>13}{'plain O_DIRECT GB/s':>21}{'ratio':>8}")
     print(f"{'write':10}{r['swap_out_gbps']:13.2f}{r['plain_write_gbps']:21.2f}"
           f"{r['swap_out_bandwidth_ratio']:8.2f}")

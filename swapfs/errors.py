@@ -64,6 +64,14 @@ class SessionExistsError(SwapError, FileExistsError):
     errno = _errno.EEXIST
 
 
+class SwapConflictError(SwapError):
+    """A deferred save found its session changed on flash (deleted, imported or saved again)
+    between its writes and its commit: the save is dropped, the stored version kept."""
+
+    kind = "conflict"
+    errno = _errno.EAGAIN
+
+
 class SwapFormatError(SwapError, ValueError):
     """An export file or a payload does not fit this swap space (bad header, wrong layout,
     wrong size, checksum mismatch on import)."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from swapfs.errors import SlotCorruptError, SwapError, SwapNotFoundError
 from swapfs.metadata import SlotRecord
+from swapfs.pending_commit import PendingCommit
 from swapfs.records import PrefixInfo, Snapshot, SlotRef
 
 
@@ -53,6 +54,12 @@ class PrefixMethods:
         """Store (block hash, payload) pairs, parents first. Hashes already stored are only
         marked recently used. When space runs short the oldest prefix blocks are evicted and
         only the leading items that fit are stored. Returns how many new blocks were stored."""
+        return self.finish(self.begin_put_prefix_blocks(items))
+
+    def begin_put_prefix_blocks(self, items: Sequence[tuple[bytes, Any]]) -> PendingCommit:
+        """Start `put_prefix_blocks`: the new blocks are written (at KV_WRITE_BACK) into staged
+        slots, committed by `finish(pending)`; the payloads must stay unchanged until then.
+        Their hashes count as pending (other puts skip them) until finish."""
         views = self._views([p for _h, p in items], writable=False)
         now = time.time()
         with self._lock:
@@ -73,16 +80,22 @@ class PrefixMethods:
             new = new[:len(refs)]
             self._pending_hashes.update(h for h, _v in new)
         try:
-            crcs = self._write(refs, [v for _h, v in new])
-            added = [(h, SlotRecord(r.slot_id, r.generation, c), now)
-                     for (h, _v), r, c in zip(new, refs, crcs)]
-            self._commit(self._commit_prefix_add, added)
+            write = self._begin_write(refs, [v for _h, v in new]) if refs else None
         except SwapError:
-            self.discard_staged(refs)
-            raise
-        finally:
             with self._lock:
                 self._pending_hashes.difference_update(h for h, _v in new)
+            raise
+        return PendingCommit("prefix", refs, write, prefix=[h for h, _v in new], now=now)
+
+    def _finish_prefix(self, p: PendingCommit) -> int:
+        try:
+            crcs = self._end_write(p.refs, p.write) if p.write is not None else []
+            added = [(h, SlotRecord(r.slot_id, r.generation, c), p.now)
+                     for h, r, c in zip(p.prefix, p.refs, crcs)]
+            self._commit(self._commit_prefix_add, added)
+        finally:
+            with self._lock:
+                self._pending_hashes.difference_update(p.prefix)
         return len(added)
 
     def _commit_prefix_add(self, added) -> None:

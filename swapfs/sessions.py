@@ -14,8 +14,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from swapfs.errors import SessionExistsError, SlotCorruptError, SwapError, SwapNotFoundError
+from swapfs.errors import (SessionExistsError, SlotCorruptError, SwapConflictError, SwapError,
+                           SwapNotFoundError)
 from swapfs.metadata import SessionRow, SlotRecord
+from swapfs.pending_commit import PendingCommit, copy_to_staging
 from swapfs.records import SessionInfo, Snapshot, SlotRef
 
 
@@ -41,6 +43,17 @@ class SessionMethods:
         token_ids[:num_kv_tokens] (default: all tokens). Blocks unchanged since the last save
         are not rewritten. Raises SwapFullError/SwapNoSpaceError/SwapIOError; the previous
         version stays intact then."""
+        return self.finish(self.begin_save_session(session_id, owner_uid, token_ids, payloads,
+                                                   num_kv_tokens=num_kv_tokens))
+
+    def begin_save_session(self, session_id: str, owner_uid: int, token_ids: Sequence[int],
+                           payloads: Sequence[Any], *, num_kv_tokens: int | None = None,
+                           copy: bool = False) -> PendingCommit:
+        """Start `save_session`: the changed blocks are written (at KV_WRITE_BACK) into staged
+        slots and nothing is committed until `finish(pending)`. With `copy` the blocks to
+        write are copied first, so the caller may change its buffers at once; else they must
+        stay unchanged until finish. If the stored session changes in between (deleted,
+        imported, saved by another call), finish discards this save and raises."""
         check_session_id(session_id)
         tokens = tuple(int(t) for t in token_ids)
         nkv = len(tokens) if num_kv_tokens is None else int(num_kv_tokens)
@@ -59,18 +72,28 @@ class SessionMethods:
                 while common < limit and old.token_ids[common] == tokens[common]:
                     common += 1
                 keep = min(common // bs, len(old.blocks))
-            refs = self.stage_blocks(payloads[keep:])
+            refs, write, staging = self._begin_stage(payloads[keep:], copy=copy)
+            return PendingCommit("session", refs, write, staging,
+                                 session=(session_id, owner_uid, tokens, nkv, old, keep))
+
+    def _finish_session(self, p: PendingCommit) -> SessionInfo:
+        session_id, owner_uid, tokens, nkv, old, keep = p.session
+        if p.write is not None:
+            self._end_write(p.refs, p.write)
+        with self._session_lock:
+            with self._lock:
+                now_row = self._meta.session(session_id)
+            if (now_row.blocks if now_row else None) != (old.blocks if old else None):
+                raise SwapConflictError(f"session {session_id!r} changed on flash while this"
+                                        " save was being written; the save is dropped and the"
+                                        " next turn writes the session again")
             now = time.time()
-            new = self._staged_records(refs)
+            new = self._staged_records(p.refs)
             row = SessionRow(session_id, owner_uid, tokens, nkv,
                              old.created if old else now, now,
                              (old.blocks[:keep] if old else ()) + tuple(new))
             freed = [b.slot_id for b in old.blocks[keep:]] if old else []
-            try:
-                self._commit(self._commit_session_row, row, new, freed)
-            except SwapError:
-                self.discard_staged(refs)
-                raise
+            self._commit(self._commit_session_row, row, new, freed)
             return _info(row)
 
     def _commit_session_row(self, row: SessionRow, new: Sequence[SlotRecord],
@@ -169,15 +192,32 @@ class SessionMethods:
     def stage_blocks(self, payloads: Sequence[Any]) -> list[SlotRef]:
         """Write blocks into fresh slots that belong to nobody until a commit names them
         (a crash before it leaves them free). Discard with `discard_staged`."""
+        refs, write, _staging = self._begin_stage(payloads, copy=False)
+        if write is not None:
+            self._end_write(refs, write)
+        return refs
+
+    def _begin_stage(self, payloads: Sequence[Any], *, copy: bool):
+        """Allocate staged slots for `payloads` and submit their writes (copied first with
+        `copy`); (refs, PendingWrite or None when there is nothing, staging or None)."""
         views = self._views(payloads, writable=False)
+        if not views:
+            return [], None, None
         with self._lock:
             try:
                 refs = self._allocate(len(views), "staged")
             except SwapError as exc:
                 self._record(exc)
                 raise
-        self._write(refs, views)
-        return refs
+        staging = None
+        if copy:
+            staging, views = copy_to_staging(views, self.layout.block_bytes)
+        try:
+            return refs, self._begin_write(refs, views), staging
+        except BaseException:
+            if staging is not None:
+                staging.close()
+            raise
 
     def discard_staged(self, refs: Sequence[SlotRef]) -> None:
         with self._lock:

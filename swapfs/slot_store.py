@@ -14,13 +14,15 @@ its metadata was committed, or bit rot raises `SlotCorruptError` instead of bein
 
 Requests go through an iosched.IOScheduler (passed in, or one of `io_threads` in flight and
 `max_request`-byte transfers made and owned by the store; $KVMM_IOSCHED_BACKEND picks its
-backend, default "auto"): a batch submits each slot's header
-and payload as two requests inside `IOScheduler.batch()`, so the scheduler merges consecutive
-slots into vectored syscalls of up to its request size, then waits for all of them. Reads go
-at Priority.KV_SWAP_IN and writes at KV_WRITE_BACK unless the caller says otherwise. Payload
-views that are 4 KiB aligned in address and length go to the kernel as they are (zero copy);
-others bounce through a per-thread huge-page scratch buffer. Slot headers live in a
-per-thread scratch.
+backend, default "auto"): a batch cuts its items into runs of
+consecutive slots of up to the scheduler's request size and submits each run as ONE vectored
+request ([header, payload, header, payload, ...]), so a run costs one syscall and one wait.
+Writes hash a run, submit it, and hash the next while the device works (`submit_write` returns
+with them in flight; `finish_write` waits); reads submit every run in one
+`IOScheduler.batch()` and verify each as it arrives. Reads go at Priority.KV_SWAP_IN and
+writes at KV_WRITE_BACK unless the caller says otherwise. Payload views that are 4 KiB aligned
+in address and length go to the kernel as they are (zero copy); others bounce through
+huge-page scratch. Slot headers and bounce areas are lent per batch by a ScratchPool.
 Durability is the caller's: `sync()` is fdatasync, to be called before committing metadata.
 
 Prior art: Linux swap's slot map, vLLM's CPU swap space, s3ql's block cache. Left out:
@@ -36,10 +38,12 @@ import threading
 import time
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from iosched import DeviceProfile, IOReadError, IOScheduler, IOWriteError, Priority
 from iosched.aligned_buffer import ALIGN, AlignedBuffer, is_direct_io_capable, round_up
 from swapfs import checksum
+from swapfs.scratch_pool import ScratchPool
 from swapfs.errors import (SlotCorruptError, SwapBusyError, SwapError, SwapIOError,
                            SwapNoSpaceError, from_os_error)
 
@@ -58,6 +62,34 @@ def slot_stride(payload_bytes: int) -> int:
     return HEADER_BYTES + round_up(payload_bytes, ALIGN)
 
 
+@dataclass(eq=False)
+class _Scratch:
+    """One batch's I/O vectors: iov[2k] is slot k's header page, iov[2k+1] its payload area;
+    areas[k] = (payload area, bounced?); borrowed: (kind, buffer) lent by the ScratchPool."""
+    iov: list[memoryview] = field(default_factory=list)
+    areas: list[tuple[memoryview, bool]] = field(default_factory=list)
+    borrowed: list[tuple[str, AlignedBuffer]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class PendingWrite:
+    """A batch submitted to the scheduler and not yet finished (SlotStore.submit_write).
+
+    requests: one vectored IORequest per run of consecutive slots; crcs: each payload's
+    checksum, in item order; scratch: its I/O vectors, None once returned to the pool (after
+    every request ended); result: None until finish_write, then the checksums or the error.
+    """
+    scratch: _Scratch | None
+    started: float
+    requests: list = field(default_factory=list)
+    crcs: list[int] = field(default_factory=list)
+    result: list[int] | SwapError | None = None
+
+    def done(self) -> bool:
+        """Every request has ended: finish_write will not block."""
+        return all(r.done() for r in self.requests)
+
+
 class SlotStore:
     """One slot file. Thread-safe: batches may run concurrently from several threads.
 
@@ -73,7 +105,7 @@ class SlotStore:
       scheduler: the IOScheduler every slot read/write goes through; _own_scheduler: made
         by this store (closed with it) rather than passed in.
       bytes_read / bytes_written / read_seconds / write_seconds: cumulative, under `_lock`.
-      _scratch: every per-thread scratch buffer made (headers, bounce), closed with the store.
+      _pool: scratch (slot headers, bounce areas) lent to one batch until its I/O is over.
     """
 
     def __init__(self, path: str, payload_bytes: int, num_slots: int, layout_id: int, *,
@@ -92,8 +124,7 @@ class SlotStore:
         self.bytes_read = self.bytes_written = 0
         self.read_seconds = self.write_seconds = 0.0
         self._lock = threading.Lock()
-        self._local = threading.local()
-        self._scratch: list[AlignedBuffer] = []
+        self._pool = ScratchPool()
         self.reinitialized = False
         self._fd = -1
         self._own_scheduler = scheduler is None
@@ -197,79 +228,110 @@ class SlotStore:
                 os.close(fd)
             except OSError:     # a dead device (ENOTCONN, EIO): the fd is released anyway
                 pass
-        for buf in self._scratch:
-            buf.close()
-        self._scratch.clear()
+        self._pool.close()
 
     # -- batched I/O --------------------------------------------------------------------
 
     def write(self, items: Sequence[tuple[int, int, memoryview]], *,
               priority: Priority = Priority.KV_WRITE_BACK) -> list[int]:
-        """Write (slot_id, generation, payload) items; returns each payload's checksum in the
-        order given. Not durable until `sync()`. Raises SwapNoSpaceError / SwapIOError.
-        Checksums are computed a request's worth of slots at a time, each group submitted as
-        soon as its headers are ready, so hashing overlaps the device's work."""
+        """Write (slot_id, generation, payload) items and wait; returns each payload's
+        checksum in the order given. Not durable until `sync()`. Raises SwapNoSpaceError /
+        SwapIOError."""
+        return self.finish_write(self.submit_write(items, priority=priority))
+
+    def submit_write(self, items: Sequence[tuple[int, int, memoryview]], *,
+                     priority: Priority = Priority.KV_WRITE_BACK) -> PendingWrite:
+        """Start writing (slot_id, generation, payload) items; the payloads must stay
+        unchanged until `finish_write` returns. Each run of consecutive slots (up to a
+        request's worth) is one vectored request, submitted as soon as its headers are
+        hashed, so hashing overlaps the device's work; the first run is a single slot so
+        the device starts after one checksum."""
         for slot_id, _gen, payload in items:
             self._check(slot_id, payload)
-        if not items:
-            return []
         self._unique(items)
-        t0 = time.perf_counter()
-        iov, areas = self._iovecs(items)
-        crcs = []
-        reqs: list = []
-        group = self._group()
-        for start in range(0, len(items), group):
-            for k in range(start, min(start + group, len(items))):
-                (slot_id, gen, payload), (area, bounced) = items[k], areas[k]
-                if bounced:
-                    area[:len(payload)] = payload
-                    area[len(payload):] = bytes(len(area) - len(payload))
-                crc = self._checksum(payload)
-                head = _HEADER.pack(_HEADER_MAGIC, self.layout_id, slot_id, gen, len(payload), crc)
-                hdr = iov[2 * k]
-                hdr[:_HEADER.size] = head
-                hdr[_HEADER.size:_HEADER.size + 4] = _CRC.pack(zlib.crc32(head))
-                crcs.append(crc)
-            reqs += self._submit(items, iov, range(start, min(start + group, len(items))),
-                                 priority, write=True)
-        first = None
-        for r in reqs:
-            first = first or self._wait(r, write=True)
-        self._account(len(items), time.perf_counter() - t0, write=True)
-        if first is not None:
-            raise first
-        return crcs
+        pending = PendingWrite(self._lend(items), time.perf_counter())
+        if not items:
+            return pending
+        iov, areas = pending.scratch.iov, pending.scratch.areas
+        sched = self.scheduler
+        try:
+            for a, b in self._runs(items, first_alone=True):
+                for k in range(a, b):
+                    (slot_id, gen, payload), (area, bounced) = items[k], areas[k]
+                    if bounced:
+                        area[:len(payload)] = payload
+                        area[len(payload):] = bytes(len(area) - len(payload))
+                    crc = self._checksum(payload)
+                    head = _HEADER.pack(_HEADER_MAGIC, self.layout_id, slot_id, gen,
+                                        len(payload), crc)
+                    hdr = iov[2 * k]
+                    hdr[:_HEADER.size] = head
+                    hdr[_HEADER.size:_HEADER.size + 4] = _CRC.pack(zlib.crc32(head))
+                    pending.crcs.append(crc)
+                pending.requests.append(sched.submit_writev(
+                    self._fd, self._offset(items[a][0]), iov[2 * a:2 * b], priority=priority))
+                time.sleep(0)   # let the backend's thread take it now (GIL) rather than
+                                # after the next switch interval, 5 ms of hashing later
+        except BaseException:
+            self._settle(pending, write=True)   # what went out must land before scratch goes
+            raise
+        return pending
+
+    def finish_write(self, pending: PendingWrite) -> list[int]:
+        """Wait for a submitted write; its checksums, or the first error (SwapIOError,
+        SwapNoSpaceError) once every request of it has ended. Idempotent."""
+        if pending.result is None:
+            first = self._settle(pending, write=True)
+            self._account(len(pending.crcs), time.perf_counter() - pending.started, write=True)
+            pending.result = first if first is not None else pending.crcs
+        if isinstance(pending.result, SwapError):
+            raise pending.result
+        return pending.result
 
     def read(self, items: Sequence[tuple[int, int, memoryview]], *,
              priority: Priority = Priority.KV_SWAP_IN) -> list[SwapError | None]:
         """Read (slot_id, expected generation, destination) items; returns per item None
         (destination holds the verified payload) or the SwapError that hit it (destination
-        content undefined). Every slot is submitted at once; each is verified as soon as it
-        has arrived, while the rest are still being read."""
+        content undefined). Every run of consecutive slots is one vectored request, all
+        submitted at once; a run is verified as soon as it has arrived, while the rest are
+        still being read."""
         for slot_id, _gen, into in items:
             self._check(slot_id, into)
         if not items:
             return []
         self._unique(items)
         t0 = time.perf_counter()
-        iov, areas = self._iovecs(items)
-        reqs = self._submit(items, iov, range(len(items)), priority, write=False)
+        pending = PendingWrite(self._lend(items), t0)    # the same bookkeeping, for reads
+        iov, areas = pending.scratch.iov, pending.scratch.areas
+        sched = self.scheduler
+        runs = self._runs(items, first_alone=False)
+        try:
+            with sched.batch():
+                for a, b in runs:
+                    pending.requests.append(sched.submit_readv(
+                        self._fd, self._offset(items[a][0]), iov[2 * a:2 * b],
+                        priority=priority))
+        except BaseException:
+            self._settle(pending, write=False)
+            raise
         results: list[SwapError | None] = []
         first = None
-        for k, ((slot_id, gen, into), (area, bounced)) in enumerate(zip(items, areas)):
-            failed = None
-            for r in reqs[2 * k:2 * k + 2]:
-                failed = failed or self._wait(r, write=False)
-            first = first or failed
-            if failed is not None:
-                results.append(failed)
-                continue
-            error = self._verify(slot_id, gen, bytes(iov[2 * k][:_HEADER.size + 4]),
-                                 area[:len(into)])
-            if error is None and bounced:
-                into[:] = area[:len(into)]
-            results.append(error)
+        try:
+            for (a, b), req in zip(runs, pending.requests):
+                failed = self._wait(req, write=False)
+                first = first or failed
+                for k in range(a, b):
+                    if failed is not None:
+                        results.append(failed)
+                        continue
+                    (slot_id, gen, into), (area, bounced) = items[k], areas[k]
+                    error = self._verify(slot_id, gen, bytes(iov[2 * k][:_HEADER.size + 4]),
+                                         area[:len(into)])
+                    if error is None and bounced:
+                        into[:] = area[:len(into)]
+                    results.append(error)
+        finally:
+            self._settle(pending, write=False)
         self._account(len(items), time.perf_counter() - t0, write=False)
         if first is not None:
             raise first
@@ -303,26 +365,22 @@ class SlotStore:
                 self.bytes_read += n * self.payload_bytes
                 self.read_seconds += seconds
 
-    def _group(self) -> int:
-        """Slots per scheduler request (header + payload of consecutive slots merge)."""
-        assert self.scheduler is not None, "SlotStore used after close()"
-        return max(1, self.scheduler.profile.request_bytes // self.stride)
+    def _offset(self, slot_id: int) -> int:
+        return SUPER_BYTES + slot_id * self.stride
 
-    def _submit(self, items, iov: list[memoryview], which: range, priority: Priority, *,
-                write: bool) -> list:
-        """Submit the header and payload area of items[k] for k in `which` in one scheduler
-        batch (consecutive slots merge); returns the requests, two per slot."""
-        sched = self.scheduler
-        assert sched is not None, "SlotStore used after close()"
-        submit = sched.submit_write if write else sched.submit_read
-        reqs = []
-        with sched.batch():
-            for k in which:
-                base = SUPER_BYTES + items[k][0] * self.stride
-                reqs.append(submit(self._fd, base, iov[2 * k], priority=priority))
-                reqs.append(submit(self._fd, base + HEADER_BYTES, iov[2 * k + 1],
-                                   priority=priority))
-        return reqs
+    def _runs(self, items, *, first_alone: bool) -> list[tuple[int, int]]:
+        """[a, b) index ranges of items whose slots follow each other in the file, each at
+        most a scheduler request's worth (the first one a single slot if `first_alone`)."""
+        assert self.scheduler is not None, "SlotStore used after close()"
+        group = max(1, self.scheduler.profile.request_bytes // self.stride)
+        runs = []
+        a = 0
+        for k in range(1, len(items) + 1):
+            if k == len(items) or items[k][0] != items[k - 1][0] + 1 or k - a >= group or \
+                    (first_alone and not runs):
+                runs.append((a, k))
+                a = k
+        return runs
 
     def _wait(self, req, *, write: bool) -> SwapError | None:
         """Wait for one request; its failure as a SwapError (None when it succeeded)."""
@@ -337,37 +395,40 @@ class SlotStore:
             return from_os_error(OSError(exc.errno, os.strerror(exc.errno)),
                                  f"{what} swap file {self.path} at offset {req.offset}")
 
-    def _scratch_view(self, what: str, nbytes: int) -> memoryview:
-        """This thread's scratch buffer `what` ("headers" or "bounce") of at least `nbytes`,
-        made (or grown) on use."""
-        view = getattr(self._local, what, None)
-        if view is None or len(view) < nbytes:
-            buf = AlignedBuffer(nbytes, huge_pages=what == "bounce")
-            with self._lock:
-                self._scratch.append(buf)
-            view = buf.view
-            setattr(self._local, what, view)
-        return view
+    def _settle(self, pending: PendingWrite, *, write: bool) -> SwapError | None:
+        """Wait for every request of `pending`, then return its scratch to the pool; the
+        first failure (None if none)."""
+        first = None
+        for req in pending.requests:
+            first = first or self._wait(req, write=write)
+        scratch, pending.scratch = pending.scratch, None
+        if scratch is not None:
+            for kind, buf in scratch.borrowed:
+                self._pool.give_back(kind, buf)
+        return first
 
-    def _iovecs(self, items):
+    def _lend(self, items) -> _Scratch:
         """Per slot: its header page and payload area (the caller's view when aligned, else
-        a padded bounce area). Returns (iovecs, [(payload area, bounced?)])."""
-        iov, areas = [], []
+        a padded bounce area), in scratch borrowed from the pool for this batch."""
+        scratch = _Scratch()
         padded = self.stride - HEADER_BYTES
-        headers = self._scratch_view("headers", len(items) * HEADER_BYTES)
-        bounce = None
+        headers = bounce = None
+        if items:
+            headers = self._pool.borrow("headers", len(items) * HEADER_BYTES)
+            scratch.borrowed.append(("headers", headers))
         for k, (_slot, _gen, view) in enumerate(items):
-            iov.append(headers[k * HEADER_BYTES:(k + 1) * HEADER_BYTES])
+            scratch.iov.append(headers.view[k * HEADER_BYTES:(k + 1) * HEADER_BYTES])
             if is_direct_io_capable(view) and len(view) == padded:
-                iov.append(view)
-                areas.append((view, False))
+                scratch.iov.append(view)
+                scratch.areas.append((view, False))
             else:
                 if bounce is None:
-                    bounce = self._scratch_view("bounce", len(items) * padded)
-                area = bounce[k * padded:(k + 1) * padded]
-                iov.append(area)
-                areas.append((area, True))
-        return iov, areas
+                    bounce = self._pool.borrow("bounce", len(items) * padded)
+                    scratch.borrowed.append(("bounce", bounce))
+                area = bounce.view[k * padded:(k + 1) * padded]
+                scratch.iov.append(area)
+                scratch.areas.append((area, True))
+        return scratch
 
     def _verify(self, slot_id: int, gen: int, header: bytes, payload: memoryview):
         magic, layout_id, got_slot, got_gen, length, crc = _HEADER.unpack_from(header)
@@ -386,17 +447,3 @@ class SlotStore:
             return SlotCorruptError(f"{where}: payload checksum mismatch (torn write or bit rot);"
                                     " the block will be recomputed")
         return None
-
-    def _io(self, fn, iov: list[memoryview], first_slot: int, what: str) -> None:
-        offset = SUPER_BYTES + first_slot * self.stride
-        total = sum(len(v) for v in iov)
-        done = 0
-        try:
-            while done < total:
-                n = fn(self._fd, _skip(iov, done), offset + done)
-                if n <= 0:
-                    raise SwapIOError(f"{what} swap file {self.path} at {offset + done}: short"
-                                      " transfer (file truncated?); delete it to reformat")
-                done += n
-        except OSError as exc:
-            raise from_os_error(exc, f"{what} swap file {self.path} at offset {offset}") from exc

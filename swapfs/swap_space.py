@@ -32,15 +32,16 @@ from types import MappingProxyType
 from typing import Any
 
 from iosched.aligned_buffer import AlignedBuffer, as_byte_view
-from swapfs.errors import (SwapConfigError, SwapError, SwapFullError,
+from swapfs.errors import (SwapConfigError, SwapConflictError, SwapError, SwapFullError,
                            SwapNotFoundError, from_os_error)
 from swapfs.layout import KVLayout
 from swapfs.metadata import Metadata
+from swapfs.pending_commit import PendingCommit
 from swapfs.records import Snapshot, SlotRef, SwapHandle, SwapStats
 from swapfs.prefix_tier import PrefixMethods
 from swapfs.sessions import SessionMethods
 from iosched import IOScheduler
-from swapfs.slot_store import SUPER_BYTES, SlotStore, slot_stride
+from swapfs.slot_store import SUPER_BYTES, PendingWrite, SlotStore, slot_stride
 
 log = logging.getLogger("kvmm.swapfs")
 
@@ -219,15 +220,33 @@ class SwapSpace(PrefixMethods, SessionMethods):
     # -- raw slot I/O shared by every kind ------------------------------------------------------
 
     def _write(self, refs: Sequence[SlotRef], views: Sequence[memoryview]) -> list[int]:
-        t0 = time.perf_counter()
+        return self._end_write(refs, self._begin_write(refs, views))
+
+    def _begin_write(self, refs: Sequence[SlotRef], views: Sequence[memoryview]) -> PendingWrite:
+        """Submit the writes of `views` into the allocated slots `refs`; on a failure to
+        submit the slots are released and the error recorded and raised."""
         try:
-            crcs = self._store.write([(r.slot_id, r.generation, v) for r, v in zip(refs, views)])
+            return self._store.submit_write([(r.slot_id, r.generation, v)
+                                             for r, v in zip(refs, views)])
         except SwapError as exc:
             with self._lock:
                 self._release([r.slot_id for r in refs])
             self._record(exc)
             raise
-        self._measure("write", len(refs) * self.layout.block_bytes, time.perf_counter() - t0)
+
+    def _end_write(self, refs: Sequence[SlotRef], pending: PendingWrite) -> list[int]:
+        """Wait for a `_begin_write`; its checksums (kept with the slots). On failure the
+        slots are released and the error recorded and raised."""
+        try:
+            crcs = self._store.finish_write(pending)
+        except SwapError as exc:
+            with self._lock:
+                self._release([r.slot_id for r in refs if (s := self._owner.get(r.slot_id))
+                               is not None and s.generation == r.generation])
+            self._record(exc)
+            raise
+        self._measure("write", len(refs) * self.layout.block_bytes,
+                      time.perf_counter() - pending.started)
         with self._lock:
             for r, crc in zip(refs, crcs):
                 self._owner[r.slot_id].crc = crc
@@ -259,6 +278,32 @@ class SwapSpace(PrefixMethods, SessionMethods):
             raise
         with self._lock:
             self._commit_s = _ewma(self._commit_s, time.perf_counter() - t0)
+
+    # -- deferred durable writes (sessions, prefixes) -----------------------------------------
+
+    def finish(self, pending: PendingCommit):
+        """Complete a begin_save_session / begin_put_prefix_blocks: wait for its writes, check
+        them, fdatasync, commit the metadata; returns the SessionInfo / the number of prefix
+        blocks stored. On failure the staged slots are freed (the stored version stays) and
+        the SwapError is recorded and raised. Idempotent (a second call answers the same)."""
+        if pending.result is None:
+            try:
+                if pending.kind == "session":
+                    pending.result = self._finish_session(pending)
+                else:
+                    pending.result = self._finish_prefix(pending)
+            except SwapError as exc:
+                self.discard_staged(pending.refs)
+                if isinstance(exc, SwapConflictError):
+                    self._record(exc)
+                pending.result = exc
+            finally:
+                if pending.staging is not None:
+                    pending.staging.close()
+                    pending.staging = None
+        if isinstance(pending.result, SwapError):
+            raise pending.result
+        return pending.result
 
     # -- swap (preemption) ------------------------------------------------------------------------
 

@@ -145,7 +145,8 @@ class Engine:
 
     def has_unfinished_requests(self) -> bool:
         with self._lock:
-            return bool(self._inbox) or self.scheduler.has_work()
+            return bool(self._inbox) or self.scheduler.has_work() or \
+                (self.tier is not None and self.tier.has_pending())
 
     def statistics(self) -> EngineStats:
         return self._snapshot
@@ -211,7 +212,11 @@ class Engine:
                 except Exception as exc:
                     self._fail(req, "sampling", exc, outputs)
         if self.tier is not None:
+            # submit this step's evicted prefix blocks, then commit the deferred flash writes
+            # of earlier steps that are done (all, waiting, when nothing was computed: there
+            # is no compute to overlap them with)
             self.tier.flush()
+            self.tier.complete(block=not sched.scheduled)
             self.sessions.offload_idle(self.cfg.session_idle_s)
             self._evict_if_full(outputs)
         self._snapshot = self._take_snapshot()
@@ -299,6 +304,14 @@ class Engine:
             log.exception("cleaning up failed request %s", req.request_id)
             self.requests.pop(req.request_id, None)
             outputs[req.request_id] = error_output(req.request_id, len(req.prompt_token_ids), req.error)
+
+    def settle_flash(self) -> None:
+        """Commit every deferred flash write now (waiting for its I/O), then release idle
+        sessions that are on flash."""
+        if self.tier is not None:
+            self.tier.complete(block=True)
+            self.sessions.offload_idle(self.cfg.session_idle_s)
+            self._snapshot = self._take_snapshot()
 
     def _advance(self, req: Request, logits) -> None:
         now = time.perf_counter()
@@ -434,7 +447,8 @@ class Engine:
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, *,
                  session_id: str | None = None, request_id: str | None = None,
                  on_output=None) -> GenerateResult:
-        """Run one request to completion on this thread (kvmm run)."""
+        """Run one request to completion on this thread (kvmm run); returns once the flash
+        tier's deferred writes (this turn's write-through) are committed."""
         rid = request_id or f"run-{next_seq_id()}"
         self.add_request(rid, prompt_token_ids, params, session_id=session_id)
         acc = OutputAccumulator(params.num_choices)
@@ -448,6 +462,7 @@ class Engine:
                 acc.take(out)
                 if out.finished:
                     final = out
+        self.settle_flash()       # a blocking call returns with its turn committed on flash
         if final.error:
             raise RequestError(final.error)
         result_choices = acc.choices()

@@ -1,17 +1,25 @@
 """FlashTier: how the engine uses swapfs — the KV pool's second tier on flash.
 
-Three uses, all synchronous on the engine's worker thread (never on the event loop):
+Three uses, all on the engine's worker thread (never on the event loop):
 * **Preemption by swap**: a preempted sequence's written blocks go to swap slots and come
   back into fresh blocks on re-admission, when the cost model says reading them back is
   cheaper than recomputing: bytes / measured write+read bandwidth vs tokens / measured
   prefill speed (both measured, EWMA; not constants).
 * **Prefix cache, tier 2**: a cached block the pool evicts is copied to a staging buffer in
-  the eviction hook and written (batched) to flash at the end of the step; on admission the
+  the eviction hook and submitted (batched) to flash at the end of the step; on admission the
   prefix found in memory is extended by the blocks found on flash, by the same chained hash
   (so hits survive memory pressure and restarts, across requests and clients).
 * **Sessions**: after each turn a session's KV is written through to flash (incrementally:
-  unchanged leading blocks are kept), so a restart finds every committed session; an idle
+  unchanged leading blocks are kept; the blocks written are copied first, so the KV pool may
+  reuse or extend them at once), so a restart finds every committed session; an idle
   session's memory is released and its next turn loads it back at admission.
+
+Session write-through and prefix writes are deferred: they are submitted at KV_WRITE_BACK
+priority and the step returns; `complete()` (run at the end of every step, blocking only in a
+step that computed nothing, and at close) commits each one whose writes have ended — writes
+checked, fdatasync, then the SQLite commit, so a kill -9 at any instant leaves the previous
+committed version. At most MAX_PENDING commits wait at once (the oldest is completed first);
+a session's earlier save is completed before its next save, its load or its delete.
 
 Every swapfs failure (full disk, EIO, a corrupt slot) degrades to recompute: it is counted,
 logged once per kind by swapfs, and the request goes on. Left out: asynchronous prefetch of
@@ -20,6 +28,7 @@ a session ahead of its request (the load happens at admission, before its first 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +42,24 @@ from swapfs.errors import SwapError
 log = logging.getLogger("kvmm.engine")
 
 MAX_STAGED_BLOCKS = 64
+MAX_PENDING = 8
 LOG_EVERY = 100
+
+
+@dataclass(slots=True, eq=False)
+class Deferred:
+    """A submitted, uncommitted flash write: `commit` is swapfs's PendingCommit; `what`
+    names the operation in errors; session_id / kv_tokens are set for a session save (the
+    tokens whose KV it writes); on_done(ok) runs once it is committed (True) or dropped
+    (False); keep holds the payloads written from (prefix copies) until then."""
+
+    what: str
+    commit: object
+    session_id: str | None = None
+    kv_tokens: int = 0
+    on_done: Callable[[bool], None] | None = None
+    keep: object = None
+    epoch: int = 0
 
 
 @dataclass(slots=True)
@@ -60,7 +86,12 @@ class FlashTier:
     """Attributes and invariants:
         swapped: seq_id -> Swapped for every preempted sequence whose KV is on flash; an entry
             exists iff the sequence holds no blocks in `kv` and its handles are live.
-        _staged: (hash, bytes copy) of evicted cached blocks not yet written (<= MAX_STAGED).
+        _staged: (hash, bytes copy) of evicted cached blocks not yet submitted (<= MAX_STAGED).
+        _pending: Deferred writes submitted and not yet committed, oldest first
+            (<= MAX_PENDING after every submission); at most one per session id.
+        _epoch: complete() calls so far; a Deferred's epoch is the value at its submission,
+            so complete(block=False) takes only writes submitted before the previous call
+            (they had at least one step's compute to finish in).
         prefill_tps: EWMA of measured prefill tokens/s (0 until the first measurement).
         _logged: (operation, error kind) -> failures so far (drives log rate limiting).
     """
@@ -73,6 +104,8 @@ class FlashTier:
         self.bs = kv.block_size
         self.swapped: dict[int, Swapped] = {}
         self._staged: list[tuple[bytes, np.ndarray]] = []
+        self._pending: list[Deferred] = []
+        self._epoch = 0
         self.prefill_tps = 0.0
         self.stats = TierStats()
         self._logged: dict[tuple[str, str], int] = {}
@@ -149,6 +182,8 @@ class FlashTier:
         first = have // self.bs                       # blocks before this were prefix hits
         got = 0
         entry = self.swapped.pop(seq.seq_id, None)
+        if entry is None and session_id is not None:  # load the newest version if it adds KV
+            self._settle_session(session_id, beyond=have)
         if entry is not None:
             got = self._swap_in(entry, table, first)
             self.stats.swapped_in_tokens += got
@@ -183,6 +218,8 @@ class FlashTier:
             return 0
         if tuple(seq.token_ids[:len(info.token_ids)]) != info.token_ids:
             return 0
+        if info.num_kv_tokens <= self.kv.num_computed_tokens(seq.seq_id):
+            return 0     # memory holds as much (e.g. the parked KV, newer than a stored save)
         nblocks = info.num_blocks
         # blocks already hit in memory are read into scratch, never into shared blocks
         scratch = [np.empty(self.kv_cache.block_bytes, dtype=np.uint8) for _ in range(min(first, nblocks))]
@@ -218,14 +255,60 @@ class FlashTier:
         self._staged.append((block_hash, self.kv_cache.block_view(block.block_id).numpy().copy()))
 
     def flush(self) -> None:
-        """Write staged evicted prefix blocks to flash (end of step)."""
+        """Submit staged evicted prefix blocks to flash (end of step); committed later."""
         if not self._staged:
             return
         staged, self._staged = self._staged, []
         try:
-            self.stats.prefix_blocks_written += self.swap.put_prefix_blocks(staged)
+            commit = self.swap.begin_put_prefix_blocks(staged)
         except SwapError as exc:
             self._error("prefix write", exc)
+            return
+
+        def done(ok: bool) -> None:
+            if ok:
+                self.stats.prefix_blocks_written += commit.result
+        self._defer(Deferred("prefix write", commit, on_done=done, keep=staged))
+
+    # --- deferred writes ----------------------------------------------------------------
+
+    def _defer(self, d: Deferred) -> None:
+        d.epoch = self._epoch
+        self._pending.append(d)
+        while len(self._pending) > MAX_PENDING:
+            self._complete(self._pending[0])
+
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def saving(self, session_id: str) -> bool:
+        """A save of the session is submitted (from a copy) and not yet committed."""
+        return any(d.session_id == session_id for d in self._pending)
+
+    def complete(self, *, block: bool = False) -> None:
+        """Commit the deferred writes submitted before the previous call whose I/O has ended
+        (every one, waiting for it, if block)."""
+        ready = [d for d in self._pending if block or (d.epoch < self._epoch and d.commit.done())]
+        self._epoch += 1
+        for d in ready:
+            self._complete(d)
+
+    def _settle_session(self, session_id: str, *, beyond: int = -1) -> None:
+        """Commit (waiting) a pending save of `session_id` that holds more than `beyond`
+        tokens' KV, if any."""
+        for d in [d for d in self._pending if d.session_id == session_id and d.kv_tokens > beyond]:
+            self._complete(d)
+
+    def _complete(self, d: Deferred) -> None:
+        self._pending.remove(d)
+        try:
+            self.swap.finish(d.commit)
+            ok = True
+        except SwapError as exc:
+            self._error(d.what, exc)
+            ok = False
+        if d.on_done is not None:
+            d.on_done(ok)
 
     # --- sessions -----------------------------------------------------------------------
 
@@ -243,18 +326,25 @@ class FlashTier:
     def stored_sessions(self) -> list:
         return self.swap.list_sessions()
 
-    def save_session(self, session_id: str, owner_uid: int, token_ids: list[int], seq_id: int) -> bool:
-        """Write a parked session's KV through to flash (incremental). True if committed."""
+    def save_session(self, session_id: str, owner_uid: int, token_ids: list[int], seq_id: int,
+                     on_done: Callable[[bool], None] | None = None) -> bool:
+        """Submit a parked session's KV to flash (incremental, the blocks copied first); it is
+        committed by a later complete(), which calls on_done(True) then (on_done(False) if
+        the write or its commit fails). False if it could not even be submitted."""
+        self._settle_session(session_id)
         tokens = self.kv.num_computed_tokens(seq_id)
         blocks = self.kv.block_table(seq_id)[: -(-tokens // self.bs)]
         try:
-            self.swap.save_session(session_id, owner_uid, token_ids, self._views(blocks), num_kv_tokens=tokens)
+            commit = self.swap.begin_save_session(session_id, owner_uid, token_ids, self._views(blocks),
+                                                  num_kv_tokens=tokens, copy=True)
         except SwapError as exc:
             self._error("session save", exc)
             return False
+        self._defer(Deferred("session save", commit, session_id, tokens, on_done))
         return True
 
     def delete_session(self, session_id: str) -> None:
+        self._settle_session(session_id)
         try:
             self.swap.delete_session(session_id)
         except SwapError as exc:
@@ -262,9 +352,11 @@ class FlashTier:
                 self._error("session delete", exc)
 
     def close(self) -> None:
-        """Flush staged prefix blocks and close the store. Never raises: a device that is
-        gone (EIO, an aborted FUSE connection: ENOTCONN from close) is logged and left."""
+        """Submit staged prefix blocks, commit every deferred write, close the store. Never
+        raises: a device that is gone (EIO, an aborted FUSE connection: ENOTCONN from close)
+        is logged and left."""
         self.flush()
+        self.complete(block=True)
         try:
             self.swap.close()
         except (SwapError, OSError) as exc:

@@ -3,7 +3,8 @@
 When a session's turn finishes its sequence is *parked*: its blocks stay allocated and the
 history (prompt + completion) is remembered, so the next turn appends its tokens and only
 those are computed. With a flash tier every parked turn is also written through to swapfs
-(incrementally), which makes it durable (restarts, kill -9) and lets memory be released:
+(incrementally, committed a step or more later: see FlashTier), which makes it durable
+(restarts, kill -9) and lets memory be released once committed:
 after `session_idle_s`, or under pressure (the scheduler's `release_idle`, oldest first).
 A session whose memory was released is loaded back at its next turn's admission.
 """
@@ -21,7 +22,7 @@ class Session:
     """Invariants: seq_id is not None iff the session holds parked KV for token_ids[:-1]
     (the last token's KV is computed by the next turn); busy iff a request of this session
     is in flight (then the request owns the sequence and seq_id is None); on_flash iff the
-    current history's KV is committed in swapfs."""
+    current history's KV is committed in swapfs (set by the deferred save's completion)."""
 
     session_id: str
     owner: object
@@ -77,7 +78,11 @@ class SessionTable(dict):
         s.seq_id = seq.seq_id
         if self.tier is not None:
             owner = s.owner if isinstance(s.owner, int) else 0
-            s.on_flash = self.tier.save_session(s.session_id, owner, s.token_ids, s.seq_id)
+            saved = tuple(s.token_ids)
+
+            def committed(ok: bool) -> None:     # later, when the deferred write completes
+                s.on_flash = ok and tuple(s.token_ids) == saved
+            self.tier.save_session(s.session_id, owner, s.token_ids, s.seq_id, on_done=committed)
         return True
 
     def _release(self, s: Session) -> None:
@@ -93,10 +98,13 @@ class SessionTable(dict):
         return True
 
     def offload_idle(self, idle_s: float) -> None:
-        """Free the memory of sessions idle longer than idle_s whose KV is on flash."""
+        """Free the memory of sessions idle longer than idle_s whose KV is on flash or being
+        written there from a copy (the next turn's admission waits for that commit; if it
+        fails, the turn recomputes what is missing)."""
         limit = time.monotonic() - idle_s
         for s in self.values():
-            if s.seq_id is not None and not s.busy and s.on_flash and s.last_used <= limit:
+            if s.seq_id is not None and not s.busy and s.last_used <= limit and \
+                    (s.on_flash or self.tier.saving(s.session_id)):
                 self._release(s)
 
     def delete(self, session_id: str) -> None:

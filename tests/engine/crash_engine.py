@@ -80,16 +80,23 @@ def run_workload(model_dir: str, swap_dir: str, log_path: str, seed: int, max_se
         in_flight: dict[str, str] = {}           # request id -> session id
         turn = 0
 
+        reported: dict[str, tuple] = {}          # session id -> history last reported committed
+
         def finish(outputs) -> None:
             for out in outputs:
                 if out.error:
                     raise AssertionError(f"request {out.request_id} failed: {out.error}")
                 if out.finished:
-                    sid = in_flight.pop(out.request_id)
-                    if _committed(engine, sid):
-                        flash = engine.statistics().flash
-                        ids = ",".join(map(str, engine.sessions[sid].token_ids))
-                        _emit(fd, f"C {sid} {flash['swap_preemptions']} {ids}")
+                    in_flight.pop(out.request_id)
+            # write-through commits a step or more after the turn: report each commit seen
+            for sid in SESSIONS:
+                s = engine.sessions.get(sid)     # (a busy session's token_ids: its last turn)
+                if s is None or reported.get(sid) == tuple(s.token_ids):
+                    continue
+                if _committed(engine, sid):
+                    reported[sid] = tuple(s.token_ids)
+                    flash = engine.statistics().flash
+                    _emit(fd, f"C {sid} {flash['swap_preemptions']} {','.join(map(str, s.token_ids))}")
 
         _emit(fd, "ready")
         while time.monotonic() < deadline:
@@ -103,6 +110,7 @@ def run_workload(model_dir: str, swap_dir: str, log_path: str, seed: int, max_se
                 if history + len(prompt) + params.max_tokens >= MAX_MODEL_LEN - ROOM:
                     _emit(fd, f"D {sid}")
                     engine.delete_session(sid)
+                    reported.pop(sid, None)
                     finish(engine.step())
                     if engine.tier.has_session(sid):
                         raise AssertionError(f"session {sid} still on flash after its delete")

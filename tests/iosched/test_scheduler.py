@@ -235,3 +235,50 @@ def test_drain_waits_for_everything(backend, data, buf):
                               priority=Priority.WEIGHT_PREFETCH) for i in range(4)]
         s.drain()
         assert all(r.done() and r.result == MiB for r in reqs)
+
+
+def test_vectored_request_scatters_and_gathers_in_order(backend, data, buf):
+    """submit_readv/submit_writev: one request (one handle, one wait) over several buffers,
+    in file order, split at the request size and merged like any other."""
+    _, content, fd = data
+    with make(backend, request_bytes=128 * KiB) as s:
+        views = [buf.view[0:4 * KiB], buf.view[1 * MiB:1 * MiB + 300 * KiB],
+                 buf.view[2 * MiB:2 * MiB + 8 * KiB]]
+        req = s.submit_readv(fd, 64 * KiB, views, priority=Priority.KV_SWAP_IN)
+        assert req.buffer is None and len(req.buffers) == 3 and req.length == 312 * KiB
+        assert s.wait(req) == 312 * KiB
+        got = b"".join(bytes(v) for v in views)
+        assert got == content[64 * KiB:64 * KiB + 312 * KiB]
+        for v, byte in zip(views, (b"\x01", b"\x02", b"\x03")):
+            v[:] = byte * len(v)
+        assert s.wait(s.submit_writev(fd, 4 * MiB, views, priority=Priority.KV_WRITE_BACK)) \
+            == 312 * KiB
+        check = buf.view[6 * MiB:6 * MiB + 312 * KiB]
+        assert s.read(fd, 4 * MiB, check) == 312 * KiB
+        assert bytes(check) == b"\x01" * (4 * KiB) + b"\x02" * (300 * KiB) + b"\x03" * (8 * KiB)
+        with pytest.raises(ValueError, match="length"):
+            s.submit_readv(fd, 0, [buf.view[:4 * KiB], buf.view[8 * KiB:8 * KiB + 100]],
+                           priority=Priority.KV_SWAP_IN)
+
+
+def test_new_work_is_served_while_a_transfer_is_in_flight(backend, data, buf):
+    """A read that cannot finish (an empty pipe) is in flight; a file read submitted after it
+    still completes at once (the io_uring dispatcher is woken for new work, not only by
+    completions)."""
+    if backend == "preadv":
+        pytest.skip("preadv cannot read a pipe at an offset (ESPIPE); its workers wait on the"
+                    " scheduler's condition and need no wake-up")
+    _, content, fd = data
+    r, w = os.pipe()
+    try:
+        with make(backend, qd=4) as s:
+            stuck = s.submit_read(r, 0, bytearray(4 * KiB), priority=Priority.KV_SWAP_IN)
+            _wait_until(lambda: s.statistics().max_in_flight >= 1, "the pipe read in flight")
+            req = s.submit_read(fd, 0, buf.view[:64 * KiB], priority=Priority.KV_SWAP_IN)
+            assert s.wait(req, timeout=5) == 64 * KiB and not stuck.done()
+            assert bytes(buf.view[:64 * KiB]) == content[:64 * KiB]
+            os.write(w, b"x" * (4 * KiB))
+            assert s.wait(stuck, timeout=5) == 4 * KiB
+    finally:
+        os.close(r)
+        os.close(w)

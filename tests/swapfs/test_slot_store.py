@@ -130,3 +130,22 @@ def test_bad_arguments(store):
         store.write([(0, 1, memoryview(b"short"))])
     with pytest.raises(ValueError, match="same slot twice"):
         store.write([(0, 1, memoryview(payload(0))), (0, 2, memoryview(payload(0)))])
+
+
+def test_runs_of_consecutive_slots_are_one_request_each_and_writes_can_stay_in_flight(store):
+    """Slots 3,4,5 then 9 then 10: consecutive slots go as one vectored request; the write
+    returns with its requests in flight (submit_write) and a run of mixed slot order reads
+    back verified; the scratch goes back to the pool once the batch ended."""
+    order = [3, 4, 5, 9, 10, 2]
+    bufs = [np.asarray(payload(s)) for s in order]
+    pending = store.submit_write([(s, 7, memoryview(b)) for s, b in zip(order, bufs)])
+    # the first run is a single slot (the device starts after one checksum)
+    assert [r.length for r in pending.requests][0] == store.stride
+    assert len(pending.requests) == 4       # [3] [4,5] [9,10] [2]
+    crcs = store.finish_write(pending)
+    assert pending.done() and pending.scratch is None and store.finish_write(pending) == crcs
+    outs = [np.zeros(BB, dtype=np.uint8) for _ in order]
+    before = store.scheduler.statistics().requests_by_priority["KV_SWAP_IN"]
+    assert store.read([(s, 7, memoryview(o)) for s, o in zip(order, outs)]) == [None] * 6
+    assert store.scheduler.statistics().requests_by_priority["KV_SWAP_IN"] - before == 3
+    assert all((o == payload(s)).all() for s, o in zip(order, outs))
