@@ -28,6 +28,7 @@ log = logging.getLogger("kvmm.iosched")
 
 SIZES = (256 << 10, 512 << 10, 1 << 20, 2 << 20)
 DEPTHS = (1, 2, 4, 8)
+MIN_QUEUE_DEPTH = 4   # see measure()
 PROFILE_FILE = "device-profile.json"
 _SCRATCH_BYTES = 64 << 20
 
@@ -85,7 +86,10 @@ class DeviceProfile:
             os.unlink(scratch)
         best = max(results.values())
         qd, size = min((k for k, v in results.items() if v >= 0.95 * best),
-                       key=lambda k: (k[0] * k[1], k[0]))
+                       key=lambda k: (k[1], k[0]))
+        # a floor on the depth: the scheduler serves weights and swap at once, and a device
+        # measured while busy can look as fast at depth 1, which would then serialize both
+        qd = max(qd, MIN_QUEUE_DEPTH)
         st = os.stat(path_dir)
         prof = cls(queue_depth=qd, request_bytes=size, read_bandwidth=results[(qd, size)],
                    measured_on=f"{path_dir} (st_dev {st.st_dev}) at {time.strftime('%Y-%m-%dT%H:%M:%S')}")
