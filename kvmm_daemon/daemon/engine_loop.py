@@ -62,6 +62,7 @@ class EngineLoop:
         has neither finished (its final output was routed) nor been aborted. Trio side only.
       _cv: guards _work, _started, _idle and _stopping, shared with the engine thread.
       _work: something was queued (submit, abort, barrier) since the engine thread last looked.
+      _settle: a barrier asked the next step to commit the deferred flash writes.
       _started: steps begun (engine thread); _done: steps whose outputs were routed (trio side);
         _done <= _started.
       _idle: the engine thread waits for work (no step in progress).
@@ -76,6 +77,7 @@ class EngineLoop:
         self._streams: dict[str, trio.MemorySendChannel] = {}
         self._cv = threading.Condition()
         self._work = False
+        self._settle = False
         self._started = 0
         self._idle = True
         self._stopping = False
@@ -117,12 +119,15 @@ class EngineLoop:
     def in_flight(self) -> int:
         return len(self._streams)
 
-    async def barrier(self) -> None:
+    async def barrier(self, *, settle: bool = False) -> None:
         """Return once a step begun after this call has completed: every engine command
-        queued before the call has then been applied."""
+        queued before the call has then been applied. With `settle`, that step also commits
+        every deferred flash write (Engine.settle_flash): a session turn is durable on flash
+        when its final reply goes out."""
         with self._cv:
             want = self._started + 1
             self._work = True               # forces a step even when the engine is idle
+            self._settle = self._settle or settle
             self._cv.notify()
         while self._done < want:
             if self._failure is not None:
@@ -148,9 +153,12 @@ class EngineLoop:
                 self._work = False
                 self._idle = False
                 self._started += 1
+                settle, self._settle = self._settle, False
             t0 = time.perf_counter()
             try:
                 outputs = engine.step()
+                if settle:
+                    engine.settle_flash()
             except BaseException as exc:        # noqa: BLE001 - handed to `run`, which raises it
                 token.run_sync_soon(self._fail, exc)
                 return

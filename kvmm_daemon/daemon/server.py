@@ -83,6 +83,8 @@ class Generation:
         failed); `finished` stays False.
       retire: forget the request in the server's tables (call before sending the final
         reply); idempotent.
+      settle: for a session turn, awaited once the engine finished it: the turn's KV is then
+        committed on flash (a reply means durable, and the view shows it).
     """
     request_id: str
     prompt_ids: list[int]
@@ -95,6 +97,7 @@ class Generation:
     finished: bool = False
     aborted: bool = False
     engine_stopped: bool = False
+    settle: Any = None             # session turns: awaited before the final output is handed out
 
     def __aiter__(self) -> Generation:
         return self
@@ -115,6 +118,8 @@ class Generation:
             raise StopAsyncIteration
         self.acc.take(out)
         self.finished = out.finished or out.error is not None
+        if self.finished and self.settle is not None:
+            await self.settle()       # the turn's write-through is on flash before the reply
         ntokens = max((len(d.token_ids) for d in out.deltas), default=0)
         if ntokens:
             now = time.perf_counter()
@@ -353,7 +358,9 @@ class Server:
                 self.refused(code)
                 raise P.ProtocolError(code, str(exc)) from None
             gen = Generation(request_id, prompt_ids, outputs, OutputAccumulator(params.num_choices),
-                             functools.partial(self._retire, request_id), self.metrics)
+                             functools.partial(self._retire, request_id), self.metrics,
+                             settle=(functools.partial(self.loop.barrier, settle=True)
+                                     if session_id is not None else None))
             yield gen
         finally:
             finished = gen is not None and gen.finished
