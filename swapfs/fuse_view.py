@@ -40,7 +40,7 @@ import trio
 
 from swapfs.errors import SwapError, SwapNotFoundError
 from swapfs.export_format import ExportReader, SessionImporter, build_preamble
-from swapfs.sessions import check_session_id
+from swapfs.stored_sessions import check_session_id
 from swapfs.swap_space import SwapSpace
 from swapfs.view_hooks import ViewHooks
 

@@ -39,7 +39,7 @@ from swapfs.metadata import Metadata
 from swapfs.pending_commit import PendingCommit
 from swapfs.records import Snapshot, SlotRef, SwapHandle, SwapStats
 from swapfs.prefix_tier import PrefixMethods
-from swapfs.sessions import SessionMethods
+from swapfs.stored_sessions import SessionMethods
 from iosched import IOScheduler
 from swapfs.slot_store import SUPER_BYTES, PendingWrite, SlotStore, slot_stride
 

@@ -15,7 +15,7 @@ import argparse
 import time
 
 
-from kvmm_daemon.config import EngineConfig
+from kvmm_daemon.engine_config import EngineConfig
 from kvmm_daemon.engine.sampling_params import SamplingParams
 
 PROMPT = ("The history of the city began with a small settlement on the river, where farmers and "

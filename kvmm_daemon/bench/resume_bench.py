@@ -35,7 +35,7 @@ import tempfile
 import time
 
 
-from kvmm_daemon.config import EngineConfig
+from kvmm_daemon.engine_config import EngineConfig
 from kvmm_daemon.engine.sampling_params import SamplingParams
 from kvmm_daemon.errors import KvmmError
 from swapfs.slot_store import slot_stride

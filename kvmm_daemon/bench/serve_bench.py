@@ -99,7 +99,7 @@ class Recorder:
 
 
 def _inprocess_engine(args: argparse.Namespace):
-    from kvmm_daemon.config import EngineConfig
+    from kvmm_daemon.engine_config import EngineConfig
     from kvmm_daemon.engine.engine import Engine
     from kvmm_daemon.engine.sampling_params import SamplingParams
 

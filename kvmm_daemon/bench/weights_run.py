@@ -27,7 +27,7 @@ def _peak_rss() -> int:
 
 def measure(args: argparse.Namespace) -> dict:
     from kvmm_daemon.bench.decode_bench import measure_decode
-    from kvmm_daemon.config import EngineConfig
+    from kvmm_daemon.engine_config import EngineConfig
     from kvmm_daemon.engine.engine import Engine
     from kvmm_daemon.engine.sampling_params import SamplingParams
 

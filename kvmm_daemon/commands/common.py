@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from kvmm_daemon.config import EngineConfig
+from kvmm_daemon.engine_config import EngineConfig
 from kvmm_daemon.engine.outputs import GenerateResult
 from kvmm_daemon.engine.sampling_params import SamplingParams
 

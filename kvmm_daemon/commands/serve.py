@@ -37,7 +37,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvmm_daemon.daemon.config import DaemonConfig
+    from kvmm_daemon.daemon.daemon_config import DaemonConfig
     from kvmm_daemon.daemon.service import run_service
 
     flags = {key: getattr(args, key) for key, _, _ in FLAGS.values()}

@@ -18,7 +18,7 @@ import errno
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from kvmm_daemon.daemon.sessions import owner_of
+from kvmm_daemon.daemon.session_directory import owner_of
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,12 +40,12 @@ import trio
 from kvmm_daemon import protocol as P
 from kvmm_daemon.daemon.accept import accept_forever
 from kvmm_daemon.daemon.auth import PeerCredentials, UidLimits, blocks_needed, peer_credentials
-from kvmm_daemon.daemon.config import DaemonConfig
+from kvmm_daemon.daemon.daemon_config import DaemonConfig
 from kvmm_daemon.daemon.connection import Connection
 from kvmm_daemon.daemon.engine_loop import ABORTED, EngineLoop
 from kvmm_daemon.daemon.metrics import Metrics
 from kvmm_daemon.daemon.quotas import SessionLedger
-from kvmm_daemon.daemon.sessions import SessionDirectory, owner_of, session_ref
+from kvmm_daemon.daemon.session_directory import SessionDirectory, owner_of, session_ref
 from kvmm_daemon.engine.outputs import OutputAccumulator
 from kvmm_daemon.engine.sampling_params import SamplingParams
 from kvmm_daemon.errors import CapacityError, KvmmError, RequestError

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import trio
 
-from kvmm_daemon.daemon.config import DaemonConfig
+from kvmm_daemon.daemon.daemon_config import DaemonConfig
 from kvmm_daemon.daemon.http_server import HttpServer
 from kvmm_daemon.daemon.listener import Listener, inherited_sockets, open_listener
 from kvmm_daemon.daemon.openai_api import OpenAIApi, model_id

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from kvmm_daemon.config import EngineConfig
+from kvmm_daemon.engine_config import EngineConfig
 from kvmm_daemon.engine import choices
 from kvmm_daemon.engine.engine_stats import EngineStats, SessionInfo
 from kvmm_daemon.engine.flash_tier import FlashTier
@@ -33,7 +33,7 @@ from kvmm_daemon.engine.sampling_params import SamplingParams
 from kvmm_daemon.engine.scheduler import Scheduler
 from kvmm_daemon.engine.sequence import Request, RequestStatus, Sequence, next_seq_id
 from kvmm_daemon.engine.session_evictor import pick_victim
-from kvmm_daemon.engine.sessions import SessionTable
+from kvmm_daemon.engine.session_table import SessionTable
 from kvmm_daemon.engine.stop_checker import StopChecker
 from kvmm_daemon.errors import CapacityError, RequestError
 from kvmm_daemon.kv.kv_manager import KVCacheManager

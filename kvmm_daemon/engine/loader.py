@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from kvmm_daemon.config import EngineConfig
+from kvmm_daemon.engine_config import EngineConfig
 from kvmm_daemon.engine.model_runner import ModelRunner
 from kvmm_daemon.kv.block_pool import BlockPool
 from kvmm_daemon.kv.kv_cache import KVCache

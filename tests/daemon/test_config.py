@@ -1,7 +1,7 @@
 """DaemonConfig: precedence of file < environment < flags, and errors that name key and fix."""
 import pytest
 
-from kvmm_daemon.daemon.config import DaemonConfig
+from kvmm_daemon.daemon.daemon_config import DaemonConfig
 from kvmm_daemon.errors import ConfigError
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmm_daemon.daemon.config import DaemonConfig
+from kvmm_daemon.daemon.daemon_config import DaemonConfig
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
 KVMM = str(Path(sys.executable).with_name("kvmm"))

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmm_daemon.config import EngineConfig
+from kvmm_daemon.engine_config import EngineConfig
 from kvmm_daemon.engine.engine import Engine
 from tests.model.tiny_llama import write_sensitive_llama
 

@@ -32,7 +32,7 @@ import sys
 import time
 import traceback
 
-from kvmm_daemon.config import EngineConfig
+from kvmm_daemon.engine_config import EngineConfig
 from kvmm_daemon.engine.engine import Engine
 from kvmm_daemon.engine.sampling_params import SamplingParams
 

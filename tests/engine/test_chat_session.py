@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmm_daemon.config import EngineConfig
+from kvmm_daemon.engine_config import EngineConfig
 from kvmm_daemon.engine.engine import Engine
 from kvmm_daemon.engine.sampling_params import SamplingParams
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmm_daemon.config import EngineConfig
+from kvmm_daemon.engine_config import EngineConfig
 from kvmm_daemon.engine.engine import Engine
 from kvmm_daemon.engine.sampling_params import SamplingParams
 from kvmm_daemon.engine.scoring import score

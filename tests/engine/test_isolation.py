@@ -39,7 +39,7 @@ def _run_batch(engine, bad_prompt: list[int]) -> dict:
 
 @pytest.fixture(scope="module")
 def expected(tiny_model):
-    from kvmm_daemon.config import EngineConfig
+    from kvmm_daemon.engine_config import EngineConfig
     from kvmm_daemon.engine.engine import Engine
     engine = Engine.from_config(EngineConfig(model=str(tiny_model), kv_budget="4MiB", block_size=4,
                                              max_model_len=256, threads=1))

@@ -3,7 +3,7 @@
 Sources, later ones winning: built-in defaults < the TOML file (`--config`, else $KVMM_CONFIG)
 < environment variables `KVMM_<KEY>` (e.g. KVMM_SOCKET, KVMM_KV_BUDGET) < command-line flags.
 The file has two tables, `[daemon]` (the fields of DaemonConfig) and `[engine]` (the fields of
-`kvmm_daemon.config.EngineConfig`); an unknown table or key is an error naming it, so a typo
+`kvmm_daemon.engine_config.EngineConfig`); an unknown table or key is an error naming it, so a typo
 never silently falls back to a default. Every error message names the key, where it came from
 and what to write instead.
 
@@ -22,7 +22,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from kvmm_daemon.config import EngineConfig
+from kvmm_daemon.engine_config import EngineConfig
 from kvmm_daemon.errors import ConfigError
 from kvmm_daemon.protocol import DEFAULT_SOCKET
 from kvmm_daemon.sizes import parse_size
