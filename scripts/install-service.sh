@@ -121,16 +121,18 @@ stamp=$VENV/.kvmm-install
 want=$( (cd "$ROOT" && find pyproject.toml kvmm_daemon swapfs iosched kernels -type f \
           \( -name '*.py' -o -name '*.c' -o -name '*.cpp' -o -name '*.h' -o -name '*.toml' \) \
           -not -path '*/__pycache__/*' | LC_ALL=C sort | xargs sha256sum) | sha256sum | cut -c1-16)
+pipq() { "$VPY" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location .* is ignored" || true; }; \
+         return "${PIPESTATUS[0]}"; }
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing kvmm into $VENV"
-  "$VPY" -m pip install -q --upgrade pip
+  pipq --upgrade pip
   # torch first and pinned: the local CPU wheel; a bare 'torch' would pull a CUDA build.
-  "$VPY" -m pip install -q "$TORCH"
+  pipq "$TORCH"
   # not editable: the service must not depend on this checkout staying where it is
   rm -rf "$ROOT/build"                       # no stale modules from an earlier build
-  "$VPY" -m pip install -q "$ROOT"
-  "$VPY" -m pip install -q --no-deps --force-reinstall "$ROOT"
-  "$VPY" -m pip install -q --no-deps "$SMOLLM"
+  pipq "$ROOT"
+  pipq --no-deps --force-reinstall "$ROOT"
+  pipq --no-deps "$SMOLLM"
   echo "$want" > "$stamp"
 fi
 # The native pieces, as setup.sh builds them, from the installed sources into the venv
