@@ -25,6 +25,7 @@ COMMANDS = {
     "trace": "trace",
     "bench": "bench",
     "weights": "weights",
+    "view-mounter": "view_mounter",
 }
 
 

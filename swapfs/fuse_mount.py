@@ -53,7 +53,7 @@ def mount_entry(mountpoint: str) -> tuple[str, str] | None:
     return found
 
 
-def _lazy_unmount(mountpoint: str) -> None:
+def lazy_unmount(mountpoint: str) -> None:
     for cmd in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
         try:
             if subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0:
@@ -76,7 +76,7 @@ def clean_stale_mount(mountpoint: str) -> None:
         alive = exc.errno == errno.ENOENT
         if not alive:
             log.warning("swapfs: cleaning the stale mount at %s (%s)", mountpoint, exc.strerror)
-            _lazy_unmount(mountpoint)
+            lazy_unmount(mountpoint)
     entry = mount_entry(mountpoint) if alive else None
     if entry is not None:
         fstype, source = entry
@@ -91,18 +91,29 @@ def clean_stale_mount(mountpoint: str) -> None:
 async def serve_fuse(space: SwapSpace, mountpoint: str, *, allow_other: bool = False,
                      limiter: trio.CapacityLimiter | None = None, remount_delay: float = 1.0,
                      max_remounts: int = 10, session_namer=None, hooks=None,
-                     task_status=trio.TASK_STATUS_IGNORED) -> None:
+                     mount_fd=None, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount the view of `space` at `mountpoint` and serve it until cancelled (then unmount)
-    or unmounted from outside. `task_status.started(ops)` once the first mount is up."""
+    or unmounted from outside. `task_status.started(ops)` once the first mount is up.
+
+    `mount_fd`, when given, is a blocking callable returning (fd, holder): a /dev/fuse fd
+    already mounted at `mountpoint` by someone else (the privileged view mounter) and an
+    object whose close() lets go of that mount; libfuse serves it as `/dev/fd/N`. Without it
+    libfuse mounts (as root, or through fusermount3)."""
     ops = SwapFsOperations(space, limiter, session_namer, hooks)
-    options = {f"fsname={FSNAME}", "subtype=kvmm", "default_permissions", "auto_unmount",
-               "noatime"}
+    options = {f"fsname={FSNAME}", "subtype=kvmm", "default_permissions", "noatime"}
+    if mount_fd is None:
+        options.add("auto_unmount")
     if allow_other:
         options.add("allow_other")
     remounts = 0
     while True:
-        await trio.to_thread.run_sync(clean_stale_mount, mountpoint)
-        pyfuse3.init(ops, mountpoint, options)
+        holder = None
+        if mount_fd is None:
+            await trio.to_thread.run_sync(clean_stale_mount, mountpoint)
+            pyfuse3.init(ops, mountpoint, options)
+        else:
+            fd, holder = await trio.to_thread.run_sync(mount_fd)
+            pyfuse3.init(ops, f"/dev/fd/{fd}", options)     # libfuse closes fd on close()
         log.info("swapfs: mounted at %s", mountpoint)
         if remounts == 0:
             task_status.started(ops)
@@ -110,9 +121,14 @@ async def serve_fuse(space: SwapSpace, mountpoint: str, *, allow_other: bool = F
             await pyfuse3.main()
         except BaseException:
             pyfuse3.close(unmount=True)
+            if holder is not None:
+                holder.close()
             raise
         still_mounted = mount_entry(mountpoint) is not None
         pyfuse3.close(unmount=False)
+        if holder is not None:
+            holder.close()
+            holder = None
         if not still_mounted:
             log.warning("swapfs: %s was unmounted from outside; the view stays off until the"
                         " daemon restarts (the swap space keeps working)", mountpoint)
@@ -120,7 +136,8 @@ async def serve_fuse(space: SwapSpace, mountpoint: str, *, allow_other: bool = F
         remounts += 1
         log.error("swapfs: FUSE connection at %s was aborted; remounting (%d/%d)", mountpoint,
                   remounts, max_remounts)
-        await trio.to_thread.run_sync(_lazy_unmount, mountpoint)
+        if mount_fd is None:
+            await trio.to_thread.run_sync(lazy_unmount, mountpoint)
         if remounts > max_remounts:
             log.error("swapfs: giving up on the FUSE view at %s after %d aborts", mountpoint,
                       max_remounts)

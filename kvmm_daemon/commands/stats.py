@@ -24,6 +24,10 @@ def format_stats(s: dict) -> str:
         f"engine         steps {s.get('steps')}  tokens computed {s.get('tokens_computed')}",
         f"uptime         {srv.get('uptime_s', 0):.0f} s{'  (draining)' if srv.get('draining') else ''}",
     ]
+    view = srv.get("view")
+    if view and view.get("state") != "off":
+        lines.append(f"swapfs view    {view['state']} at {view['mountpoint']}"
+                     + (f"  (DEGRADED: {view['reason']})" if view.get("reason") else ""))
     if srv.get("errors"):
         lines.append("errors         " + "  ".join(f"{k} {v}" for k, v in sorted(srv["errors"].items())))
     return "\n".join(lines)

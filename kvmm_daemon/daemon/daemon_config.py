@@ -52,6 +52,9 @@ class DaemonConfig:
       http_api_keys: API key -> tenant (a uid, or a user name resolved to its uid); a TCP
         request acts as that uid exactly as a Unix-socket peer of that uid would. In the
         environment: KVMM_HTTP_API_KEYS="key1=1000,key2=alice".
+      view_mounter: Unix socket of the privileged view mounter (`kvmm view-mounter`,
+        kvmm-view.socket) that mounts engine.mount and hands the daemon the /dev/fuse fd;
+        None = the daemon mounts the view itself (as root, in development).
       engine: the EngineConfig handed to Engine.from_config.
     """
 
@@ -68,6 +71,7 @@ class DaemonConfig:
     http_socket: str | None = None
     http_listen: str | None = None
     http_api_keys: dict = field(default_factory=dict)
+    view_mounter: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -100,6 +104,10 @@ class DaemonConfig:
             raise ConfigError(f"daemon.max_kv_blocks_per_uid {v!r} must be a positive integer, "
                               f"or absent for no per-uid limit")
         self._check_http()
+        if self.view_mounter == "":
+            self.view_mounter = None
+        if self.view_mounter is not None:
+            _check_socket_path("view_mounter", self.view_mounter, "/run/kvmm/view.sock")
         if not isinstance(self.engine, EngineConfig):
             raise ConfigError("engine settings must come from the [engine] table")
 

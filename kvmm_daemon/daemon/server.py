@@ -139,8 +139,9 @@ class Server:
     """
 
     def __init__(self, cfg: DaemonConfig, engine: Any, *, block_size: int, kv_block_bytes: int = 0,
-                 watchdog=lambda: None, ping_interval_s: float | None = None):
+                 watchdog=lambda: None, ping_interval_s: float | None = None, view=None):
         self.cfg = cfg
+        self.view = view              # the swapfs view's ViewStatus, shown in stats
         self.engine = engine
         self.block_size = block_size
         self.loop = EngineLoop(engine, watchdog=watchdog, ping_interval_s=ping_interval_s)
@@ -308,7 +309,8 @@ class Server:
                            "draining": self.draining, "requests_total": self.requests_total,
                            "requests_in_flight": len(self.records),
                            "errors": dict(self.errors), "limits": limits,
-                           "engine_loop": dataclasses.asdict(self.loop.statistics())}}
+                           "engine_loop": dataclasses.asdict(self.loop.statistics()),
+                           "view": self.view.statistics() if self.view is not None else None}}
 
     # ------------------------------------------------------------------ generate
 

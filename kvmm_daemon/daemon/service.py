@@ -10,6 +10,7 @@ Left out: SIGHUP reload (see config.py).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -38,8 +39,9 @@ async def serve_engine(cfg: DaemonConfig, engine: Any, listener: Listener, notif
     until SIGTERM/SIGINT, then drain and return.
 
     `task_status.started(server)` fires once the sockets accept and READY=1 has been sent."""
+    view = ViewStatus(cfg.engine.mount if getattr(engine, "tier", None) is not None else None)
     server = Server(cfg, engine, block_size=cfg.engine.block_size, watchdog=notifier.watchdog,
-                    ping_interval_s=notifier.ping_interval_s,
+                    ping_interval_s=notifier.ping_interval_s, view=view,
                     kv_block_bytes=engine.runner.kv_cache.block_bytes if hasattr(engine, "runner") else 0)
     http = None
     if http_listeners:
@@ -53,10 +55,10 @@ async def serve_engine(cfg: DaemonConfig, engine: Any, listener: Listener, notif
             for lst in http_listeners:
                 await nursery.start(http.serve, lst.sock)
                 log.info("OpenAI-compatible HTTP API on %s", lst.path)
-            if cfg.engine.mount and getattr(engine, "tier", None) is not None:
-                await nursery.start(serve_view, engine.tier.swap, cfg.engine.mount,
-                                    view_hooks(server, engine))
-            notifier.ready(f"serving on {listener.path}")
+            if view.mountpoint:
+                await nursery.start(serve_view, engine.tier.swap, view, view_hooks(server, engine),
+                                    cfg.view_mounter, notifier, listener.path)
+            notifier.ready(f"serving on {listener.path}" + view.degraded_note())
             log.info("serving on %s (pid uid checks via SO_PEERCRED, watchdog %s)", listener.path,
                      f"every {notifier.ping_interval_s:.1f} s" if notifier.ping_interval_s else "off")
             task_status.started(server)
@@ -83,11 +85,16 @@ def view_hooks(server: Server, engine: Any):
                      session_imported=server.sessions.imported)
 
 
-async def serve_view(space, mountpoint: str, hooks=None, *,
+async def serve_view(space, view: ViewStatus, hooks=None, mounter: str | None = None,
+                     notifier: SystemdNotifier | None = None, serving: str = "", *,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
     """The swapfs FUSE view, which must never take the service down: a mount that fails,
     is aborted too often or is unmounted from outside leaves the daemon serving (and the
-    flash tier working) without its view, with the reason in the log."""
+    flash tier working) without its view; `view` says so in `kvmm stats`, the log has one
+    line, and systemd's STATUS= (systemctl status) reads "degraded".
+
+    With `mounter` (a socket of `kvmm view-mounter`) the mount is done by that privileged
+    helper and only its fd is served here; otherwise libfuse mounts (root, development)."""
     from swapfs.fuse_mount import serve_fuse
 
     class _Started:
@@ -95,17 +102,61 @@ async def serve_view(space, mountpoint: str, hooks=None, *,
 
         def started(self, value=None) -> None:
             self.done = True
+            view.mounted()
             task_status.started()
 
+    def failed(reason: str) -> None:
+        view.failed(reason)
+        log.error("swapfs view at %s is not mounted: %s; serving on without it",
+                  view.mountpoint, reason)
+        if notifier is not None and status.done:
+            notifier.status(f"serving on {serving}" + view.degraded_note())
+
+    mount_fd = None
+    if mounter is not None:
+        from kvmm_daemon.daemon.view_mounter import request_view_fd
+        mount_fd = functools.partial(request_view_fd, mounter)
     status = _Started()
     try:
-        await serve_fuse(space, mountpoint, allow_other=os.geteuid() == 0, task_status=status,
+        await serve_fuse(space, view.mountpoint, allow_other=mounter is not None or os.geteuid() == 0,
+                         task_status=status, mount_fd=mount_fd,
                          session_namer=lambda uid, name: f"{uid}:{name}",   # the server's session ids
                          hooks=hooks)
-    except Exception:
-        log.exception("swapfs view at %s failed; serving on without it", mountpoint)
+        if status.done:
+            failed("unmounted from outside or aborted too often")
+    except Exception as exc:
+        log.debug("swapfs view failure", exc_info=True)
+        failed(f"{type(exc).__name__}: {exc}")
     if not status.done:
         task_status.started()
+
+
+class ViewStatus:
+    """What became of the swapfs view, for `kvmm stats` and systemd's STATUS=.
+
+    Attributes:
+      mountpoint: where the view goes; None when there is no view (no swap tier or no mount).
+      state: "off" (no view), "starting", "mounted" or "failed"; "failed" iff `reason` is set.
+      reason: why the view is not mounted, one line naming the fix where known.
+    """
+
+    def __init__(self, mountpoint: str | None):
+        self.mountpoint = mountpoint or None
+        self.state = "starting" if self.mountpoint else "off"
+        self.reason: str | None = None
+
+    def mounted(self) -> None:
+        self.state, self.reason = "mounted", None
+
+    def failed(self, reason: str) -> None:
+        self.state, self.reason = "failed", reason
+
+    def degraded_note(self) -> str:
+        return f"; degraded: swapfs view at {self.mountpoint} not mounted ({self.reason})" \
+            if self.state == "failed" else ""
+
+    def statistics(self) -> dict[str, Any]:
+        return {"mountpoint": self.mountpoint, "state": self.state, "reason": self.reason}
 
 
 def open_http_listeners(cfg: DaemonConfig, inherited: dict) -> list[Listener]:

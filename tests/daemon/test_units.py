@@ -19,6 +19,9 @@ needs_systemd = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                    reason="systemd-analyze is not installed")
 
 
+ALL_UNITS = ("kvmm.service", "kvmm.socket", "kvmm-http.socket", "kvmm-view.service", "kvmm-view.socket")
+
+
 def verify(directory: Path, *units: str) -> subprocess.CompletedProcess:
     return subprocess.run(["systemd-analyze", "verify", "--man=no", *[str(directory / u) for u in units]],
                           capture_output=True, text=True, timeout=120)
@@ -26,7 +29,7 @@ def verify(directory: Path, *units: str) -> subprocess.CompletedProcess:
 
 def units_copy(tmp_path: Path) -> Path:
     """The units with ExecStart pointing at this venv's kvmm (it must exist to verify)."""
-    for name in ("kvmm.service", "kvmm.socket", "kvmm-http.socket"):
+    for name in ALL_UNITS:
         text = (UNITS / name).read_text().replace("/usr/local/bin/kvmm", KVMM)
         (tmp_path / name).write_text(text)
     return tmp_path
@@ -35,7 +38,7 @@ def units_copy(tmp_path: Path) -> Path:
 @needs_systemd
 def test_units_verify_cleanly(tmp_path):
     d = units_copy(tmp_path)
-    r = verify(d, "kvmm.service", "kvmm.socket", "kvmm-http.socket")
+    r = verify(d, *ALL_UNITS)
     assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
 
 
@@ -55,12 +58,20 @@ def test_service_has_what_the_daemon_needs():
     settings = dict(re.findall(r"^(\w+)=(.*)$", s, re.M))
     assert settings["Type"] == "notify" and settings["Restart"] == "on-failure"
     assert int(settings["WatchdogSec"]) > 0
-    caps = set(settings["AmbientCapabilities"].split())
-    assert caps == {"CAP_SYS_ADMIN", "CAP_BPF", "CAP_PERFMON", "CAP_SYS_RESOURCE", "CAP_IPC_LOCK"}
-    assert set(settings["CapabilityBoundingSet"].split()) == caps
-    assert settings["DeviceAllow"] == "/dev/fuse rw" and settings["LimitMEMLOCK"] == "infinity"
+    # the engine holds no capability and lives in its own mount and network namespaces
+    assert settings["CapabilityBoundingSet"] == "" and settings["AmbientCapabilities"] == ""
+    assert settings["LimitMEMLOCK"] == "infinity" and settings["NoNewPrivileges"] == "yes"
+    for namespaced in ("PrivateTmp", "ProtectHome", "PrivateDevices", "PrivateNetwork"):
+        assert settings[namespaced] == "yes", namespaced
+    assert settings["ProtectSystem"] == "strict" and settings["RestrictAddressFamilies"] == "AF_UNIX"
+    assert "io_uring_setup" in s and "@system-service" in s
+    # the FUSE mount is the view mounter's, in the host's mount namespace
+    view = dict(re.findall(r"^(\w+)=(.*)$", (UNITS / "kvmm-view.service").read_text(), re.M))
+    assert view["CapabilityBoundingSet"] == "CAP_SYS_ADMIN" and view["DeviceAllow"] == "/dev/fuse rw"
     for namespaced in ("ProtectSystem", "PrivateTmp", "ProtectHome", "PrivateDevices"):
-        assert namespaced not in settings          # the FUSE mount must reach the host
+        assert namespaced not in view          # the FUSE mount must reach the host
+    vsock = dict(re.findall(r"^(\w+)=(.*)$", (UNITS / "kvmm-view.socket").read_text(), re.M))
+    assert vsock["SocketUser"] == "kvmm" and vsock["SocketMode"] == "0600"
     # MemoryMax a margin above the budgets of the shipped config (+512 MiB runtime overhead)
     cfg = DaemonConfig.load(str(UNITS / "kvmm.toml"), env={})
     budgets = cfg.engine.kv_budget + (cfg.engine.weight_budget or 0)
@@ -73,6 +84,7 @@ def test_service_has_what_the_daemon_needs():
     assert http["ListenStream"] == cfg.http_socket and http["FileDescriptorName"] == "http"
     assert http["SocketMode"] == "0660" and http["Service"] == "kvmm.service"
     assert settings["Sockets"].split() == ["kvmm.socket", "kvmm-http.socket"]
+    assert vsock["ListenStream"] == cfg.view_mounter
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None or os.geteuid() != 0,
