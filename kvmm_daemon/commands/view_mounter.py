@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     import socket
 
-    from kvmm_daemon.daemon.config import DaemonConfig
+    from kvmm_daemon.daemon.daemon_config import DaemonConfig
     from kvmm_daemon.daemon.listener import inherited_sockets
     from kvmm_daemon.daemon.logs import setup_logging
     from kvmm_daemon.daemon.view_mounter import ViewMounter
