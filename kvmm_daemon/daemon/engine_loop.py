@@ -1,7 +1,7 @@
 """EngineLoop: the engine stepping in a thread of its own while trio serves sockets.
 
-`Engine.step()` is blocking compute, so it runs in a dedicated engine thread that steps for
-as long as there is work, and sleeps on a condition variable when there is none. After each
+`Engine.step()` is blocking compute, so it runs outside the event loop, in a thread that steps
+for as long as there is work and sleeps on a condition variable when there is none. After each
 step it hands the step's outputs to the trio loop in one call (`TrioToken.run_sync_soon`: one
 wake-up of the event loop per step, however many requests the step served), so the loop routes
 them to one memory channel per request and flushes sockets while the next step computes.
@@ -10,10 +10,12 @@ request that can never be served fails immediately). The engine queues every mut
 abort, session open/delete) and applies it at the start of its next step; `barrier()` waits for
 that step, so a session operation is in effect when its reply goes out.
 
-Why a thread of its own rather than `trio.to_thread.run_sync` per step: a worker thread per
-step costs a hand-off and a wake-up each way, trio renames the worker on every job (two prctl
-calls), and the next step cannot start until the loop has routed the last one; measured with
-`kvmm trace` as most of the daemon's syscalls per decoded token (docs/trace.md).
+Why not `trio.to_thread.run_sync` per step: a worker per step costs a hand-off and a wake-up
+each way, trio renames the worker on every job (two prctl calls), and the next step cannot
+start until the loop has routed the last one. Which thread steps matters too: `kvmm serve`
+steps the engine in the process's main thread and runs trio in another (service.py,
+`serve_in_trio_thread`, `own_thread=False`), because torch's OpenMP parallel ops started from
+any other thread ran at about half speed here (36 vs 72 tok/s at batch 1).
 
 The loop pings the systemd watchdog after every step and, while the engine is idle, at least
 every `ping_interval_s`: a step that hangs stops the pings, and systemd restarts the service.
@@ -70,8 +72,10 @@ class EngineLoop:
     """
 
     def __init__(self, engine: Any, *, watchdog: Callable[[], Any] = lambda: None,
-                 ping_interval_s: float | None = None):
+                 ping_interval_s: float | None = None, own_thread: bool = True):
         self.engine = engine
+        self.own_thread = own_thread        # False: the caller's thread runs engine_main()
+        self._token_ready = threading.Event()
         self._watchdog = watchdog
         self._idle_wait = ping_interval_s if ping_interval_s else math.inf
         self._streams: dict[str, trio.MemorySendChannel] = {}
@@ -140,8 +144,16 @@ class EngineLoop:
 
     # --- the engine thread ----------------------------------------------------------------
 
+    def engine_main(self) -> None:
+        """Step until `run` ends (or a step raises). Runs in the engine thread, or, with
+        own_thread=False, in the thread that calls it: the process's main thread, because
+        an OpenMP team started from any other thread computes at about half speed here
+        (torch's parallel ops: measured 2 threads 210 us vs 338 us for the same matmul)."""
+        self._token_ready.wait()
+        self._thread_main()
+
     def _thread_main(self) -> None:
-        engine, token = self.engine, self._token
+        engine = self.engine
         while True:
             with self._cv:
                 while not (self._stopping or self._work or engine.has_unfinished_requests()):
@@ -160,10 +172,20 @@ class EngineLoop:
                 if settle:
                     engine.settle_flash()
             except BaseException as exc:        # noqa: BLE001 - handed to `run`, which raises it
-                token.run_sync_soon(self._fail, exc)
+                self._post(self._fail, exc)
                 return
             self._busy += time.perf_counter() - t0
-            token.run_sync_soon(self._route, outputs)
+            if not self._post(self._route, outputs):
+                return
+
+    def _post(self, fn, arg) -> bool:
+        """Hand `fn(arg)` to the trio loop; False once the loop has ended (shutdown raced
+        the step in progress: its outputs have nobody to go to)."""
+        try:
+            self._token.run_sync_soon(fn, arg)
+            return True
+        except trio.RunFinishedError:
+            return False
 
     # --- the trio side --------------------------------------------------------------------
 
@@ -190,8 +212,10 @@ class EngineLoop:
         """Start the engine thread; ping the watchdog while it is idle; on cancellation stop
         it (after the step in progress). A step that raised is raised here."""
         self._token = trio.lowlevel.current_trio_token()
-        self._thread = threading.Thread(target=self._thread_main, name="kvmm-engine", daemon=True)
-        self._thread.start()
+        self._token_ready.set()
+        if self.own_thread:
+            self._thread = threading.Thread(target=self._thread_main, name="kvmm-engine", daemon=True)
+            self._thread.start()
         task_status.started()
         self._ping()
         try:
@@ -205,11 +229,17 @@ class EngineLoop:
                 if self._idle:
                     self._ping()
         finally:
-            with self._cv:
-                self._stopping = True
-                self._cv.notify()
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._thread.join)
+            self.stop()
+            if self._thread is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._thread.join)
+
+    def stop(self) -> None:
+        """Ask the stepping loop to return after the step in progress (thread-safe)."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._token_ready.set()
 
     def fail_all(self, message: str) -> None:
         """Close every stream after a fatal engine error (consumers see a closed channel)."""

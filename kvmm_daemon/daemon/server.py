@@ -139,12 +139,14 @@ class Server:
     """
 
     def __init__(self, cfg: DaemonConfig, engine: Any, *, block_size: int, kv_block_bytes: int = 0,
-                 watchdog=lambda: None, ping_interval_s: float | None = None, view=None):
+                 watchdog=lambda: None, ping_interval_s: float | None = None, view=None,
+                 engine_in_caller_thread: bool = False):
         self.cfg = cfg
         self.view = view              # the swapfs view's ViewStatus, shown in stats
         self.engine = engine
         self.block_size = block_size
-        self.loop = EngineLoop(engine, watchdog=watchdog, ping_interval_s=ping_interval_s)
+        self.loop = EngineLoop(engine, watchdog=watchdog, ping_interval_s=ping_interval_s,
+                               own_thread=not engine_in_caller_thread)
         self.metrics = Metrics(lambda: self.engine.statistics().as_dict())
         self.limits = UidLimits(cfg.max_requests_per_uid, cfg.max_kv_blocks_per_uid)
         self.quotas = SessionLedger(engine, lambda: self.loop.statistics().steps,
