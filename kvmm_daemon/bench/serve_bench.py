@@ -1,9 +1,11 @@
 """`kvmm bench serve`: what the service costs — N concurrent clients through the daemon vs
 the same workload driven in-process.
 
-Workload: `--requests` greedy requests (prompts cycled from a fixed list, `--max-tokens`
-each, ignore_eos so every request decodes exactly that many tokens), kept `--clients` in
-flight at once (a closed loop: a finished request is replaced by the next one).
+Workload, once per `--clients` count (default 1 and 8: most apps hold one stream at a time,
+a shared daemon several): `--requests` greedy requests (default 4 per client; prompts cycled
+from a fixed list, `--max-tokens` each, ignore_eos so every request decodes exactly that many
+tokens), kept that many clients in flight at once (a closed loop: a finished request is
+replaced by the next one).
 * in-process: one Engine; the loop adds requests and steps it, timestamping every delta;
 * daemon: `kvmm serve` started on the same engine settings (or `--socket` to use a running
   one), `--clients` trio tasks, each with its own connection, streaming;
@@ -13,7 +15,8 @@ flight at once (a closed loop: a finished request is replaced by the next one).
 Never both at once: after one warm-up run each (first-call costs of torch kernels stay out),
 `--rounds` measured runs alternate between the sides, so that load from elsewhere on the
 machine drifts into both alike; the rounds are pooled.
-Goal of the HTTP front: throughput >= 0.9x the msgpack socket, TTFT p50 within +10 ms.
+Goals: the daemon >= 0.9x in-process throughput, TTFT p50 within +5 ms at one client and
++10 ms at 8; the HTTP front >= 0.9x the msgpack socket, TTFT p50 within +10 ms.
 Figures per side: throughput (completion tokens/s over the wall time), time to first token
 (from submission) and inter-token latency (between streamed chunks, spread over their
 tokens), p50/p99. Overhead = daemon / in-process.
@@ -42,15 +45,28 @@ PROMPTS = [
 
 def register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or safetensors dir (default: embedded SmolLM2-135M)")
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients / requests in flight (default 8)")
-    p.add_argument("--requests", type=int, default=32, help="requests in the workload (default 32)")
+    p.add_argument("--clients", type=_counts, default=[1, 8],
+                   help="concurrent clients (requests in flight), one case per count: e.g. 1,8 (the default)")
+    p.add_argument("--requests", type=int, default=None, help="requests per case (default 4 per client)")
     p.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request (default 32)")
     p.add_argument("--kv-budget", default="128MiB", help="KV budget of both engines (default 128MiB)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--rounds", type=int, default=2, help="alternating measured rounds per side (default 2)")
+    p.add_argument("--admit-wait-ms", type=float, default=None,
+                   help="the started daemon's --admit-wait-ms (default: the daemon's default)")
     p.add_argument("--socket", default=None, help="bench this running daemon instead of starting one")
     p.add_argument("--http", action="store_true", help="also drive the daemon's OpenAI-compatible HTTP API")
     p.add_argument("--http-socket", default=None, help="with --socket: the running daemon's HTTP socket")
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of client counts") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"client counts must be >= 1, got {text!r}")
+    return counts
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -203,6 +219,7 @@ def _start_daemon(args: argparse.Namespace, directory: str) -> tuple[subprocess.
         cmd += ["--http-socket", args.http_socket]
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--admit-wait-ms", str(args.admit_wait_ms)] if args.admit_wait_ms is not None else []
     proc = subprocess.Popen(cmd, stderr=open(os.path.join(directory, "daemon.log"), "wb"))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -216,12 +233,12 @@ def _start_daemon(args: argparse.Namespace, directory: str) -> tuple[subprocess.
     raise RuntimeError(f"the bench daemon did not start; see {directory}/daemon.log")
 
 
-def _measure(args: argparse.Namespace, path: str) -> dict[str, dict]:
-    """Alternate the sides (after one warm-up each) so that load from elsewhere on the
-    machine drifts into all of them alike; pool the rounds."""
+def _measure(args: argparse.Namespace, path: str, inprocess) -> dict[str, dict]:
+    """One case (args.clients, args.requests): alternate the sides (after one warm-up each)
+    so that load from elsewhere on the machine drifts into all of them alike; pool the rounds."""
     import trio
 
-    engine, prompts, params = _inprocess_engine(args)
+    engine, prompts, params = inprocess
     drivers = {"inprocess": lambda tag: _drive_engine(engine, prompts, params, args, tag),
                "daemon": lambda tag: trio.run(_drive_daemon, path, args)}
     if args.http:
@@ -243,45 +260,82 @@ def _measure(args: argparse.Namespace, path: str) -> dict[str, dict]:
     return out
 
 
-def run_serve_bench(args: argparse.Namespace) -> dict:
-    workload = {"clients": args.clients, "requests": args.requests, "rounds": args.rounds, "max_tokens": args.max_tokens,
-                "model": args.model or "embedded SmolLM2-135M", "kv_budget": str(args.kv_budget)}
-    if args.socket:
-        if args.http and not args.http_socket:
-            raise SystemExit("--http with --socket needs --http-socket PATH of that daemon")
-        sides = _measure(args, args.socket)
-    else:
-        with tempfile.TemporaryDirectory(prefix="kvmm-bench-") as d:
-            proc, path = _start_daemon(args, d)
-            try:
-                sides = _measure(args, path)
-            finally:
-                proc.terminate()
-                proc.wait(60)
+def _case_result(args: argparse.Namespace, sides: dict[str, dict]) -> dict:
+    """One case's figures, ratios and goals, printed as a short table."""
     inproc, daemon = sides["inprocess"], sides["daemon"]
     ratio = lambda a, b: None if not a or not b else round(a / b, 3)
+    delta = lambda a, b: None if a is None or b is None else round(a - b, 2)
+    ttft_goal_ms = 5 if args.clients == 1 else 10
     overhead = {"throughput_ratio": ratio(daemon["throughput_tok_s"], inproc["throughput_tok_s"]),
                 "ttft_p50_ratio": ratio(daemon["ttft_p50_ms"], inproc["ttft_p50_ms"]),
+                "ttft_p50_delta_ms": delta(daemon["ttft_p50_ms"], inproc["ttft_p50_ms"]),
                 "itl_p50_ratio": ratio(daemon["itl_p50_ms"], inproc["itl_p50_ms"])}
+    overhead["goal_met"] = (overhead["throughput_ratio"] is not None and overhead["throughput_ratio"] >= 0.9
+                            and overhead["ttft_p50_delta_ms"] is not None
+                            and overhead["ttft_p50_delta_ms"] <= ttft_goal_ms)
     rows = [("throughput tok/s", "throughput_tok_s"), ("TTFT p50 ms", "ttft_p50_ms"), ("TTFT p99 ms", "ttft_p99_ms"),
             ("ITL p50 ms", "itl_p50_ms"), ("ITL p99 ms", "itl_p99_ms"), ("wall s", "wall_s")]
-    print(f"serve bench: {args.requests} requests x {args.max_tokens} tokens, {args.clients} concurrent, "
+    print(f"\n{args.clients} client(s): {args.requests} requests x {args.max_tokens} tokens, "
           f"{args.rounds} rounds per side")
     names = {"inprocess": "in-process", "daemon": "daemon", "http": "http"}
     print(f"{'':18} " + " ".join(f"{names[n]:>12}" for n in sides))
     for label, key in rows:
         print(f"{label:18} " + " ".join(f"{sides[n][key]!s:>12}" for n in sides))
-    print(f"daemon/in-process throughput {overhead['throughput_ratio']}, TTFT p50 {overhead['ttft_p50_ratio']}, "
-          f"ITL p50 {overhead['itl_p50_ratio']}")
-    result = {"workload": workload, "inprocess": inproc, "daemon": daemon, "overhead": overhead}
+    print(f"daemon/in-process throughput {overhead['throughput_ratio']}, TTFT p50 {overhead['ttft_p50_delta_ms']:+} ms, "
+          f"ITL p50 {overhead['itl_p50_ratio']} (goal: >= 0.9 and <= +{ttft_goal_ms} ms: "
+          f"{'met' if overhead['goal_met'] else 'NOT met'})")
+    result = {"clients": args.clients, "requests": args.requests, "inprocess": inproc, "daemon": daemon,
+              "overhead": overhead}
     if "http" in sides:
         http = sides["http"]
-        ttft_delta = (None if http["ttft_p50_ms"] is None or daemon["ttft_p50_ms"] is None
-                      else round(http["ttft_p50_ms"] - daemon["ttft_p50_ms"], 2))
-        tr = ratio(http["throughput_tok_s"], daemon["throughput_tok_s"])
+        tr, ttft_delta = ratio(http["throughput_tok_s"], daemon["throughput_tok_s"]), delta(http["ttft_p50_ms"], daemon["ttft_p50_ms"])
         met = tr is not None and tr >= 0.9 and ttft_delta is not None and ttft_delta <= 10
         result["http"] = http
         result["http_vs_msgpack"] = {"throughput_ratio": tr, "ttft_p50_delta_ms": ttft_delta, "goal_met": met}
         print(f"http/msgpack throughput {tr}, TTFT p50 delta {ttft_delta} ms "
               f"(goal: >= 0.9 and <= +10 ms: {'met' if met else 'NOT met'})")
     return result
+
+
+def _engine_loop(path: str) -> dict:
+    """The daemon's engine-loop counters (steps, admission holds), to report a case's share."""
+    from kvmm_daemon.client import Client
+
+    with Client(path) as c:
+        return c.stats()["server"]["engine_loop"]
+
+
+def _cases(args: argparse.Namespace) -> list[argparse.Namespace]:
+    return [argparse.Namespace(**{**vars(args), "clients": n, "requests": args.requests or 4 * n})
+            for n in args.clients]
+
+
+def run_serve_bench(args: argparse.Namespace) -> dict:
+    workload = {"clients": args.clients, "requests": args.requests or "4 per client", "rounds": args.rounds,
+                "max_tokens": args.max_tokens, "threads": args.threads,
+                "model": args.model or "embedded SmolLM2-135M", "kv_budget": str(args.kv_budget)}
+    if args.socket and args.http and not args.http_socket:
+        raise SystemExit("--http with --socket needs --http-socket PATH of that daemon")
+    inprocess = _inprocess_engine(args)
+
+    def measure_all(path: str) -> list[dict]:
+        results = []
+        for case in _cases(args):
+            before = _engine_loop(path)
+            results.append(_case_result(case, _measure(case, path, inprocess)))
+            after = _engine_loop(path)
+            results[-1]["daemon_engine_loop"] = {k: round(after[k] - before[k], 4) for k in
+                                                 ("steps", "busy_s", "admit_waits", "admit_wait_s", "admit_arrivals")}
+        return results
+
+    if args.socket:
+        cases = measure_all(args.socket)
+    else:
+        with tempfile.TemporaryDirectory(prefix="kvmm-bench-") as d:
+            proc, path = _start_daemon(args, d)
+            try:
+                cases = measure_all(path)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+    return {"workload": workload, "cases": cases}

@@ -39,6 +39,8 @@ class DaemonConfig:
       socket: path of the listening Unix socket (ignored under socket activation).
       socket_group: group that owns the socket (mode `socket_mode`); None leaves the creator's.
       grace_period_s: on SIGTERM, how long in-flight requests may run before being cancelled.
+      admit_wait_ms: after a step that finished requests, how long the next step may wait for
+        their clients' next requests (EngineLoop._hold_for_arrivals); 0 = never wait.
       max_frame_bytes: largest request frame accepted; a larger one closes that connection.
       max_clients: connections open at once; more are refused with limit_exceeded.
       max_requests_per_uid: generate requests in flight per client uid (root is not exempt).
@@ -63,6 +65,7 @@ class DaemonConfig:
     socket_mode: int = 0o660
     log_level: str = "info"
     grace_period_s: float = 30.0
+    admit_wait_ms: float = 2.0
     max_frame_bytes: int = 1 << 20
     max_clients: int = 256
     max_requests_per_uid: int = 32
@@ -86,11 +89,8 @@ class DaemonConfig:
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"daemon.log_level {self.log_level!r} must be one of "
                               f"{', '.join(LOG_LEVELS)}")
-        if (isinstance(self.grace_period_s, bool) or not isinstance(self.grace_period_s, (int, float))
-                or not math.isfinite(self.grace_period_s) or self.grace_period_s < 0):
-            raise ConfigError(f"daemon.grace_period_s {self.grace_period_s!r} must be a "
-                              f"non-negative number of seconds, e.g. 30")
-        self.grace_period_s = float(self.grace_period_s)
+        self.grace_period_s = _non_negative("grace_period_s", self.grace_period_s, "seconds, e.g. 30")
+        self.admit_wait_ms = _non_negative("admit_wait_ms", self.admit_wait_ms, "milliseconds, e.g. 2")
         self.max_frame_bytes = parse_size(self.max_frame_bytes, what="daemon.max_frame_bytes")
         if self.max_frame_bytes < 4096:
             raise ConfigError(f"daemon.max_frame_bytes {self.max_frame_bytes} is below 4096; "
@@ -275,3 +275,11 @@ def _from_env(text: str, key: str, type_: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+def _non_negative(name: str, value, example: str) -> float:
+    """`value` as a float, or ConfigError naming daemon.<name> and an example."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < 0):
+        raise ConfigError(f"daemon.{name} {value!r} must be a non-negative number of {example}")
+    return float(value)

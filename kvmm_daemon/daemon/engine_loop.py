@@ -53,6 +53,9 @@ class EngineLoopStatistics:
     busy_s: float              # wall time spent inside Engine.step
     in_flight: int             # requests submitted and not yet finished or aborted
     watchdog_pings: int
+    admit_waits: int           # steps held back for the replacements of finished requests
+    admit_wait_s: float        # wall time those holds took
+    admit_arrivals: int        # requests that arrived during a hold (and so joined its step)
 
 
 class EngineLoop:
@@ -69,11 +72,21 @@ class EngineLoop:
         _done <= _started.
       _idle: the engine thread waits for work (no step in progress).
       _failure: the exception a step raised; the thread stops, `run` raises it.
+      _arrivals: requests submitted since the last step's outputs were posted (under _cv).
+      admit_wait_s: the longest a step is held back for replacements (see `_hold_for_arrivals`).
     """
 
     def __init__(self, engine: Any, *, watchdog: Callable[[], Any] = lambda: None,
-                 ping_interval_s: float | None = None, own_thread: bool = True):
+                 ping_interval_s: float | None = None, own_thread: bool = True,
+                 admit_wait_s: float = 0.0):
+        if not admit_wait_s >= 0:
+            raise ValueError(f"admit_wait_s must be >= 0, got {admit_wait_s!r}")
         self.engine = engine
+        self.admit_wait_s = admit_wait_s
+        self._arrivals = 0
+        self._admit_waits = 0
+        self._admit_wait_total = 0.0
+        self._admit_arrivals = 0
         self.own_thread = own_thread        # False: the caller's thread runs engine_main()
         self._token_ready = threading.Event()
         self._watchdog = watchdog
@@ -94,9 +107,10 @@ class EngineLoop:
         self._busy = 0.0
         self._pings = 0
 
-    def _kick(self) -> None:
+    def _kick(self, *, arrival: bool = False) -> None:
         with self._cv:
             self._work = True
+            self._arrivals += arrival
             self._cv.notify()
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: Any,
@@ -108,7 +122,7 @@ class EngineLoop:
         self.engine.add_request(request_id, prompt_token_ids, params, session_id=session_id, owner=owner)
         send, recv = trio.open_memory_channel(math.inf)
         self._streams[request_id] = send
-        self._kick()
+        self._kick(arrival=True)
         return recv
 
     def abort(self, request_id: str) -> None:
@@ -152,10 +166,35 @@ class EngineLoop:
         self._token_ready.wait()
         self._thread_main()
 
+    def _hold_for_arrivals(self, finished: int) -> None:
+        """After a step that finished `finished` requests, wait (under _cv) until as many
+        requests have arrived since its outputs were posted, the engine is stopping, or
+        `admit_wait_s` has passed.
+
+        Why: most clients are closed loops: a client whose request just finished sends its
+        next one a millisecond or two after the final reply, and an engine that began its
+        next step at once would leave that request waiting a whole step more (measured at 8
+        clients: TTFT p50 a step, ~27 ms, over in-process, where the replacement is added
+        before the next step by construction). The hold is bounded and paid only on steps
+        that finished something; `statistics()` reports its count, time and catch."""
+        deadline = time.monotonic() + self.admit_wait_s
+        t0 = time.perf_counter()
+        while self._arrivals < finished and not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cv.wait(remaining)
+        self._admit_waits += 1
+        self._admit_wait_total += time.perf_counter() - t0
+        self._admit_arrivals += self._arrivals
+
     def _thread_main(self) -> None:
         engine = self.engine
+        finished = 0
         while True:
             with self._cv:
+                if finished and self.admit_wait_s and self._arrivals < finished:
+                    self._hold_for_arrivals(finished)
                 while not (self._stopping or self._work or engine.has_unfinished_requests()):
                     self._idle = True
                     self._cv.wait()
@@ -175,6 +214,9 @@ class EngineLoop:
                 self._post(self._fail, exc)
                 return
             self._busy += time.perf_counter() - t0
+            finished = sum(1 for out in outputs if out.finished)
+            with self._cv:
+                self._arrivals = 0          # before any client can see this step's replies
             if not self._post(self._route, outputs):
                 return
 
@@ -249,4 +291,5 @@ class EngineLoop:
         log.error("engine loop stopped: %s", message)
 
     def statistics(self) -> EngineLoopStatistics:
-        return EngineLoopStatistics(self._done, self._busy, len(self._streams), self._pings)
+        return EngineLoopStatistics(self._done, self._busy, len(self._streams), self._pings,
+                                    self._admit_waits, self._admit_wait_total, self._admit_arrivals)

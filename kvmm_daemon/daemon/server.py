@@ -146,7 +146,8 @@ class Server:
         self.engine = engine
         self.block_size = block_size
         self.loop = EngineLoop(engine, watchdog=watchdog, ping_interval_s=ping_interval_s,
-                               own_thread=not engine_in_caller_thread)
+                               own_thread=not engine_in_caller_thread,
+                               admit_wait_s=cfg.admit_wait_ms / 1000)
         self.metrics = Metrics(lambda: self.engine.statistics().as_dict())
         self.limits = UidLimits(cfg.max_requests_per_uid, cfg.max_kv_blocks_per_uid)
         self.quotas = SessionLedger(engine, lambda: self.loop.statistics().steps,

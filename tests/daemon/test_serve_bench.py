@@ -26,11 +26,27 @@ def test_serve_bench_on_the_tiny_model(tiny_model, capsys):
     args = p.parse_args(["--model", str(tiny_model), "--clients", "3", "--requests", "6", "--max-tokens", "5",
                          "--kv-budget", "4MiB", "--threads", "1", "--rounds", "1", "--http"])
     result = run_serve_bench(args)
+    (case,) = result["cases"]
+    assert case["clients"] == 3
     for side in ("inprocess", "daemon", "http"):
-        r = result[side]
+        r = case[side]
         assert r["requests"] == 6 and r["completion_tokens"] == 30
         assert r["throughput_tok_s"] > 0 and r["ttft_p50_ms"] > 0 and r["itl_p99_ms"] >= r["itl_p50_ms"]
-    assert result["overhead"]["throughput_ratio"] > 0
-    assert result["http_vs_msgpack"]["throughput_ratio"] > 0
+    assert case["overhead"]["throughput_ratio"] > 0
+    assert case["http_vs_msgpack"]["throughput_ratio"] > 0
+    assert case["daemon_engine_loop"]["steps"] >= 5      # at least the 5 tokens of the last request
     out = capsys.readouterr().out
     assert "daemon/in-process throughput" in out and "http/msgpack throughput" in out
+
+
+def test_serve_bench_batch_one_is_a_default_case(tiny_model):
+    p = argparse.ArgumentParser()
+    register_args(p)
+    args = p.parse_args(["--model", str(tiny_model), "--requests", "2", "--max-tokens", "3",
+                         "--kv-budget", "4MiB", "--threads", "1", "--rounds", "1"])
+    assert args.clients == [1, 8]
+    result = run_serve_bench(argparse.Namespace(**{**vars(args), "clients": [1]}))
+    (case,) = result["cases"]
+    assert case["clients"] == 1 and case["daemon"]["completion_tokens"] == 6
+    assert set(case["daemon_engine_loop"]) == {"steps", "busy_s", "admit_waits", "admit_wait_s", "admit_arrivals"}
+    assert case["overhead"]["goal_met"] in (True, False)
