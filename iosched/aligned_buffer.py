@@ -33,6 +33,19 @@ _MLOCK_ONFAULT = 1
 _libc = None
 
 
+def _memlock_limits() -> str:
+    """RLIMIT_MEMLOCK as "soft S, hard H" in readable sizes, for error messages."""
+    import resource
+
+    def size(v: int) -> str:
+        if v == resource.RLIM_INFINITY:
+            return "unlimited"
+        return f"{v / 2**20:g} MiB" if v >= 2**20 else f"{v / 2**10:g} KiB"
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return f"soft {size(soft)}, hard {size(hard)}"
+
+
 def _c_library() -> ctypes.CDLL:
     global _libc
     if _libc is None:
@@ -111,9 +124,11 @@ class AlignedBuffer:
         if rc == 0:
             self.locked, self.lock_error = True, None
             return True
-        self.lock_error = (f"mlock of {self.nbytes} bytes refused: {os.strerror(err)}; raise the"
-                           f" locked-memory limit (systemd: LimitMEMLOCK= in the unit; shell:"
-                           f" ulimit -l) or run without locking")
+        self.lock_error = (f"mlock of {self.nbytes} bytes refused: {os.strerror(err)} (locked-memory"
+                           f" limit {_memlock_limits()}); raise the locked-memory limit (systemd:"
+                           f" LimitMEMLOCK= in the unit, which needs a service manager with"
+                           f" CAP_SYS_RESOURCE to go above its own hard limit; shell: ulimit -l)"
+                           f" or run without locking")
         return False
 
     def huge_page_bytes(self) -> int:

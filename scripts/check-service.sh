@@ -86,6 +86,18 @@ main=$(sb systemctl show -p MainPID --value kvmm.service)
 sb grep -E "^(Uid|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):" "/proc/$main/status"
 sb grep -E "Max locked memory|Max nice" "/proc/$main/limits"
 sb journalctl --no-pager -b -u kvmm -o cat | grep -E "mlock|locked|io_uring|I/O threads|MemoryDeny" | head -5 || true
+# LimitMEMLOCK=infinity and LimitNICE=-10 raise hard limits: systemd needs CAP_SYS_RESOURCE for
+# that. Where the sandbox's PID 1 lacks it (a container that drops it), the limits stay at the
+# host's and the pool runs unlocked (logged); elsewhere they must be in effect.
+memlock=$(sb awk '/^Max locked memory/ {print $4}' "/proc/$main/limits")
+pid1_caps=$(sb awk '/^CapEff:/ {print $2}' /proc/1/status)
+if (( (16#$pid1_caps >> 24) & 1 )); then
+  [ "$memlock" = unlimited ] || fail "LimitMEMLOCK=infinity is not in effect (hard limit $memlock)"
+  echo "LimitMEMLOCK=infinity in effect"
+else
+  echo "the sandbox's PID 1 lacks CAP_SYS_RESOURCE (CapEff $pid1_caps): systemd cannot raise"
+  echo "LimitMEMLOCK/LimitNICE above the host's hard limits (memlock $memlock bytes) on this machine"
+fi
 
 step "stop cleanly"
 sb systemctl stop kvmm.service

@@ -76,3 +76,4 @@ def test_lock_pins_or_says_which_limit_to_raise():
     ok, msg = out.stdout.splitlines()
     assert ok == "False"
     assert "LimitMEMLOCK=" in msg and "ulimit -l" in msg
+    assert "soft 4 KiB, hard 4 KiB" in msg      # the limit it ran into
