@@ -62,3 +62,40 @@ def test_replacements_join_the_step_after_a_finish(tiny_model, wait_ms):
 def test_admit_wait_must_be_a_non_negative_number(bad):
     with pytest.raises(ConfigError, match="admit_wait_ms"):
         DaemonConfig(admit_wait_ms=bad)
+
+
+async def _unreplaced_finishes(path: str) -> list[int]:
+    """A long stream, and beside it requests that finish one step apart and are never
+    replaced (an open-loop client: it sent them all at once)."""
+    done: list[int] = []
+
+    async def long_stream():
+        async with AsyncClient.connect(path) as c:
+            async with c.stream("The long one", raw=True, max_tokens=200, ignore_eos=True) as s:
+                done.append(sum([len(d.token_ids) async for d in s]))
+
+    async def one(n: int):
+        async with AsyncClient.connect(path) as c:
+            r = await c.generate("A short one", raw=True, max_tokens=n, ignore_eos=True)
+            done.append(len(r.token_ids))
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_stream)
+            await trio.sleep(0.2)
+            for n in range(2, 30):
+                nursery.start_soon(one, n)
+    return done
+
+
+def test_holds_stop_while_they_catch_nothing(tiny_model):
+    d = DaemonProcess(tiny_model, args=["--admit-wait-ms", "100"])
+    try:
+        done = trio.run(_unreplaced_finishes, d.socket)
+        assert sorted(done) == [*range(2, 30), 200]
+        loop = wait_idle(d.socket)["server"]["engine_loop"]
+        # after 8 holds that caught nothing, only every 8th finishing step holds (a probe)
+        assert loop["admit_skipped"] >= 10
+        assert loop["admit_waits"] <= 8 + (loop["admit_skipped"] + 7) // 7
+    finally:
+        d.stop_and_check()
