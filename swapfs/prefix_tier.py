@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from swapfs.errors import SlotCorruptError, SwapError, SwapNotFoundError
 from swapfs.metadata import SlotRecord
 from swapfs.pending_commit import PendingCommit
-from swapfs.records import PrefixInfo, Snapshot, SlotRef
+from swapfs.records import PrefixInfo, Snapshot
 
 if TYPE_CHECKING:
     from swapfs.swap_space import SwapSpace
