@@ -10,7 +10,10 @@ Three kinds of slot content:
 Durable writes go: allocate slots -> write (O_DIRECT) -> fdatasync -> one SQLite commit.
 A slot is reused only after the commit that dropped it, and never while a reader has it
 pinned (a Snapshot, a swap_in or a prefix read in flight), so no reader sees a block that
-is being rewritten; the slot header's generation catches everything else.
+is being rewritten; the slot header's generation catches everything else. That bookkeeping
+is slot_map.SlotMap's; the prefix tier and the sessions are parts composed here
+(prefix_tier.PrefixTier, stored_sessions.StoredSessions); the swap kind and the slot I/O
+they share (write, verify, fdatasync, commit) are this class's.
 
 The sync API is thread-safe and blocking (call it from the engine's worker thread; from
 trio use `swapfs.trio_api.TrioSwapSpace`). Every failure is a typed `SwapError`, counted in
