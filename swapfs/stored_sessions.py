@@ -69,9 +69,9 @@ class StoredSessions:
                    payloads: Sequence[Any], *, num_kv_tokens: int | None = None,
                    copy: bool = False) -> PendingCommit:
         """SwapSpace.begin_save_session: the changed blocks are written (at KV_WRITE_BACK)
-        into staged slots and nothing is committed until `finish(pending)`. With `copy` the blocks to
-        write are copied first, so the caller may change its buffers at once; else they must
-        stay unchanged until finish. If the stored session changes in between (deleted,
+        into staged slots and nothing is committed until `finish(pending)`. With `copy` the
+        blocks to write are copied first, so the caller may change its buffers at once; else
+        they must stay unchanged until finish. If the stored session changes in between (deleted,
         imported, saved by another call), finish discards this save and raises."""
         check_session_id(session_id)
         tokens = tuple(int(t) for t in token_ids)
