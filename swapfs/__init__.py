@@ -7,9 +7,12 @@
   AlignedBuffer    huge-page, O_DIRECT-ready memory (re-exported from iosched.aligned_buffer;
                    allocate the engine's KV arena with it so swap I/O goes straight from and
                    into the arena)
-Module map: checksum, slot_store (O_DIRECT slot file), metadata (SQLite
-WAL), swap_space + prefix_tier + sessions (the API), export_format (kv.bin / import),
-fuse_view + fuse_mount (pyfuse3), trio_api, bench (`kvmm bench swap`).
+Module map: checksum, slot_store (O_DIRECT slot file), metadata (SQLite WAL), slot_map
+(SlotMap: free slots, pins, deferred frees, generations), swap_space (SwapSpace, composing
+prefix_tier's PrefixTier and stored_sessions' StoredSessions), pending_commit, export_format
+(kv.bin / import), fuse_view (the pyfuse3 Operations) over view_nodes, view_inodes,
+view_handles, view_entries and view_imports, fuse_mount, trio_api, bench (`kvmm bench swap`).
+See docs/swapfs.md, "How the code is laid out".
 """
 from iosched.aligned_buffer import AlignedBuffer
 from swapfs.errors import (SessionExistsError, SlotCorruptError, SwapBusyError, SwapConfigError,

@@ -1,5 +1,4 @@
-"""SessionMethods: the persistent-session half of SwapSpace (a mixin over its slot
-bookkeeping, kept apart only for size).
+"""StoredSessions: the persistent sessions of a SwapSpace.
 
 A session on flash is (owner uid, token ids, num_kv_tokens, blocks in order). Saving again
 is incremental: the leading full blocks whose tokens did not change are kept as they are
@@ -7,18 +6,26 @@ and only the rest is written (KV of a full block depends only on the tokens up t
 A load that meets a corrupt block truncates the stored session before it, so the next save
 rewrites it, and raises with `blocks_loaded` set, so the engine recomputes only the tail.
 Import (the FUSE /import directory) stages blocks as they arrive and commits at the end.
+
+A part of SwapSpace, composed rather than mixed in: it owns the session lock and the
+in-memory list of sessions and uses the space's lock, metadata, SlotMap and slot I/O
+(`_views`, `_allocate`, `_begin_write`, `_end_write`, `read_refs`, `_commit`, `_record`).
 """
 from __future__ import annotations
 
 import time
+import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from swapfs.errors import (SessionExistsError, SlotCorruptError, SwapConflictError, SwapError,
                            SwapNotFoundError)
 from swapfs.metadata import SessionRow, SlotRecord
 from swapfs.pending_commit import PendingCommit, copy_to_staging
 from swapfs.records import SessionInfo, Snapshot, SlotRef
+
+if TYPE_CHECKING:
+    from swapfs.swap_space import SwapSpace
 
 
 def check_session_id(session_id: str) -> None:
@@ -34,33 +41,45 @@ def _info(row: SessionRow) -> SessionInfo:
                        len(row.blocks), row.created, row.last_used)
 
 
-class SessionMethods:
-    """Mixed into SwapSpace; uses its _lock, _session_lock, _meta, _owner, _sessions."""
+class StoredSessions:
+    """Attributes:
+      _session_lock: serializes session writes and deletes (taken before the space's
+        `_lock`), so a save can keep the unchanged blocks of the previous version without
+        pinning them.
+      _slots_of: session_id -> its slot ids in block order, for exactly the sessions the
+        committed metadata holds; every slot in it is of kind "session" in the SlotMap
+        (guarded by `_lock`, the space's).
+    """
 
-    def save_session(self, session_id: str, owner_uid: int, token_ids: Sequence[int],
-                     payloads: Sequence[Any], *, num_kv_tokens: int | None = None) -> SessionInfo:
-        """Store (or replace) a session durably: payloads[i] is the KV block i of
-        token_ids[:num_kv_tokens] (default: all tokens). Blocks unchanged since the last save
-        are not rewritten. Raises SwapFullError/SwapNoSpaceError/SwapIOError; the previous
-        version stays intact then."""
-        return self.finish(self.begin_save_session(session_id, owner_uid, token_ids, payloads,
-                                                   num_kv_tokens=num_kv_tokens))
+    def __init__(self, space: SwapSpace) -> None:
+        self._space = space
+        self._lock = space._lock
+        self._meta = space._meta
+        self._slots = space._slots
+        self._layout = space.layout
+        self._session_lock = threading.Lock()
+        self._slots_of: dict[str, tuple[int, ...]] = {}
+        for sid in self._meta.session_ids():
+            self._slots_of[sid] = tuple(b.slot_id for b in self._meta.session(sid).blocks)
 
-    def begin_save_session(self, session_id: str, owner_uid: int, token_ids: Sequence[int],
-                           payloads: Sequence[Any], *, num_kv_tokens: int | None = None,
-                           copy: bool = False) -> PendingCommit:
-        """Start `save_session`: the changed blocks are written (at KV_WRITE_BACK) into staged
-        slots and nothing is committed until `finish(pending)`. With `copy` the blocks to
-        write are copied first, so the caller may change its buffers at once; else they must
-        stay unchanged until finish. If the stored session changes in between (deleted,
+    def __len__(self) -> int:
+        return len(self._slots_of)
+
+    def begin_save(self, session_id: str, owner_uid: int, token_ids: Sequence[int],
+                   payloads: Sequence[Any], *, num_kv_tokens: int | None = None,
+                   copy: bool = False) -> PendingCommit:
+        """SwapSpace.begin_save_session: the changed blocks are written (at KV_WRITE_BACK)
+        into staged slots and nothing is committed until `finish(pending)`. With `copy` the
+        blocks to write are copied first, so the caller may change its buffers at once; else
+        they must stay unchanged until finish. If the stored session changes in between (deleted,
         imported, saved by another call), finish discards this save and raises."""
         check_session_id(session_id)
         tokens = tuple(int(t) for t in token_ids)
         nkv = len(tokens) if num_kv_tokens is None else int(num_kv_tokens)
-        bs = self.layout.block_size
-        if not 0 <= nkv <= len(tokens) or len(payloads) != self.layout.blocks_for(nkv):
+        bs = self._layout.block_size
+        if not 0 <= nkv <= len(tokens) or len(payloads) != self._layout.blocks_for(nkv):
             raise ValueError(f"session {session_id!r}: {nkv} KV tokens of {len(tokens)} fill"
-                             f" {self.layout.blocks_for(nkv)} blocks of {bs} tokens, got"
+                             f" {self._layout.blocks_for(nkv)} blocks of {bs} tokens, got"
                              f" {len(payloads)} payloads")
         with self._session_lock:
             with self._lock:
@@ -76,10 +95,11 @@ class SessionMethods:
             return PendingCommit("session", refs, write, staging,
                                  session=(session_id, owner_uid, tokens, nkv, old, keep))
 
-    def _finish_session(self, p: PendingCommit) -> SessionInfo:
+    def finish_save(self, p: PendingCommit) -> SessionInfo:
+        """The commit half of SwapSpace.finish for a session save."""
         session_id, owner_uid, tokens, nkv, old, keep = p.session
         if p.write is not None:
-            self._end_write(p.refs, p.write)
+            self._space._end_write(p.refs, p.write)
         with self._session_lock:
             with self._lock:
                 now_row = self._meta.session(session_id)
@@ -93,19 +113,17 @@ class SessionMethods:
                              old.created if old else now, now,
                              (old.blocks[:keep] if old else ()) + tuple(new))
             freed = [b.slot_id for b in old.blocks[keep:]] if old else []
-            self._commit(self._commit_session_row, row, new, freed)
+            self._space._commit(self._commit_session_row, row, new, freed)
             return _info(row)
 
     def _commit_session_row(self, row: SessionRow, new: Sequence[SlotRecord],
                             freed: Sequence[int]) -> None:
         self._meta.commit_session(row, new, freed)
-        for rec in new:
-            assert self._owner[rec.slot_id].kind == "staged"
-            self._owner[rec.slot_id].kind = "session"
-        self._release(freed)
-        self._sessions[row.session_id] = tuple(b.slot_id for b in row.blocks)
+        self._slots.commit([rec.slot_id for rec in new], "session")
+        self._slots.release(freed)
+        self._slots_of[row.session_id] = tuple(b.slot_id for b in row.blocks)
 
-    def load_session(self, session_id: str, into: Sequence[Any]) -> SessionInfo:
+    def load(self, session_id: str, into: Sequence[Any]) -> SessionInfo:
         """Read every block of the session into into[0..num_blocks). On a bad block raises
         SlotCorruptError/SwapIOError with `blocks_loaded` = the leading blocks that are valid
         in `into`. Raises SwapNotFoundError for an unknown id."""
@@ -115,13 +133,13 @@ class SessionMethods:
                 raise ValueError(f"session {session_id!r} has {len(row.blocks)} blocks, only"
                                  f" {len(into)} destination buffers given")
             slots = [b.slot_id for b in row.blocks]
-            self._pin(slots)
+            self._slots.pin(slots)
         try:
-            results = self.read_refs([SlotRef(b.slot_id, b.generation) for b in row.blocks],
-                                     into[:len(row.blocks)])
+            results = self._space.read_refs(
+                [SlotRef(b.slot_id, b.generation) for b in row.blocks], into[:len(row.blocks)])
         finally:
             with self._lock:
-                self._unpin(slots)
+                self._slots.unpin(slots)
         bad = next((i for i, e in enumerate(results) if e is not None), None)
         if bad is not None:
             exc = results[bad]
@@ -133,7 +151,7 @@ class SessionMethods:
             try:
                 self._meta.touch_session(session_id, time.time())
             except SwapError as err:
-                self._record(err)
+                self._space._record(err)
             return _info(self._row(session_id))
 
     def _truncate(self, row: SessionRow, nblocks: int) -> None:
@@ -143,14 +161,14 @@ class SessionMethods:
                 now = self._meta.session(row.session_id)
             if now is None or now.blocks != row.blocks:
                 return
-            nkv = min(row.num_kv_tokens, nblocks * self.layout.block_size)
+            nkv = min(row.num_kv_tokens, nblocks * self._layout.block_size)
             short = SessionRow(row.session_id, row.owner_uid, row.token_ids, nkv, row.created,
                                row.last_used, row.blocks[:nblocks])
             try:
                 with self._lock:
                     self._commit_session_row(short, [], [b.slot_id for b in row.blocks[nblocks:]])
             except SwapError as exc:
-                self._record(exc)
+                self._space._record(exc)
 
     def _row(self, session_id: str) -> SessionRow:
         row = self._meta.session(session_id)
@@ -158,15 +176,15 @@ class SessionMethods:
             raise SwapNotFoundError(f"session {session_id!r} is not stored on flash")
         return row
 
-    def session_info(self, session_id: str) -> SessionInfo:
+    def info(self, session_id: str) -> SessionInfo:
         with self._lock:
             return _info(self._row(session_id))
 
-    def list_sessions(self, owner_uid: int | None = None) -> list[SessionInfo]:
+    def infos(self, owner_uid: int | None = None) -> list[SessionInfo]:
         with self._lock:
             return [_info(self._meta.session(sid)) for sid in self._meta.session_ids(owner_uid)]
 
-    def delete_session(self, session_id: str) -> None:
+    def delete(self, session_id: str) -> None:
         """Drop a session and free its slots (readers holding a snapshot finish first)."""
         with self._session_lock, self._lock:
             row = self._row(session_id)
@@ -174,72 +192,68 @@ class SessionMethods:
             try:
                 self._meta.delete_session(session_id, slots)
             except SwapError as exc:
-                self._record(exc)
+                self._space._record(exc)
                 raise
-            self._release(slots)
-            del self._sessions[session_id]
+            self._slots.release(slots)
+            del self._slots_of[session_id]
 
-    def session_snapshot(self, session_id: str) -> Snapshot:
+    def snapshot(self, session_id: str) -> Snapshot:
         """Pin a session's blocks for reading (release with `release_snapshot`)."""
         with self._lock:
             row = self._row(session_id)
-            self._pin([b.slot_id for b in row.blocks])
+            self._slots.pin([b.slot_id for b in row.blocks])
             return Snapshot(tuple(SlotRef(b.slot_id, b.generation, b.crc) for b in row.blocks),
                             session=_info(row))
 
     # -- staged writes (save, import) ------------------------------------------------------
 
-    def stage_blocks(self, payloads: Sequence[Any]) -> list[SlotRef]:
+    def stage(self, payloads: Sequence[Any]) -> list[SlotRef]:
         """Write blocks into fresh slots that belong to nobody until a commit names them
         (a crash before it leaves them free). Discard with `discard_staged`."""
         refs, write, _staging = self._begin_stage(payloads, copy=False)
         if write is not None:
-            self._end_write(refs, write)
+            self._space._end_write(refs, write)
         return refs
 
     def _begin_stage(self, payloads: Sequence[Any], *, copy: bool):
         """Allocate staged slots for `payloads` and submit their writes (copied first with
         `copy`); (refs, PendingWrite or None when there is nothing, staging or None)."""
-        views = self._views(payloads, writable=False)
+        views = self._space._views(payloads, writable=False)
         if not views:
             return [], None, None
         with self._lock:
             try:
-                refs = self._allocate(len(views), "staged")
+                refs = self._space._allocate(len(views), "staged")
             except SwapError as exc:
-                self._record(exc)
+                self._space._record(exc)
                 raise
         staging = None
         if copy:
-            staging, views = copy_to_staging(views, self.layout.block_bytes)
+            staging, views = copy_to_staging(views, self._layout.block_bytes)
         try:
-            return refs, self._begin_write(refs, views), staging
+            return refs, self._space._begin_write(refs, views), staging
         except BaseException:
             if staging is not None:
                 staging.close()
             raise
 
-    def discard_staged(self, refs: Sequence[SlotRef]) -> None:
-        with self._lock:
-            self._release([r.slot_id for r in refs if (s := self._owner.get(r.slot_id))
-                           is not None and s.kind == "staged" and s.generation == r.generation])
-
     def _staged_records(self, refs: Sequence[SlotRef]) -> list[SlotRecord]:
         with self._lock:
-            return [SlotRecord(r.slot_id, r.generation, self._owner[r.slot_id].crc)
+            return [SlotRecord(r.slot_id, r.generation, self._slots.ref(r.slot_id).crc)
                     for r in refs]
 
-    def commit_staged_session(self, session_id: str, owner_uid: int, token_ids: Sequence[int],
-                              num_kv_tokens: int, refs: Sequence[SlotRef],
-                              created: float | None = None) -> SessionInfo:
+    def commit_staged(self, session_id: str, owner_uid: int, token_ids: Sequence[int],
+                      num_kv_tokens: int, refs: Sequence[SlotRef],
+                      created: float | None = None) -> SessionInfo:
         """Commit staged blocks as a new session; raises SessionExistsError if the id is
         taken (the staged blocks are left to the caller to discard)."""
         check_session_id(session_id)
         tokens = tuple(int(t) for t in token_ids)
         if not 0 <= num_kv_tokens <= len(tokens) or \
-                len(refs) != self.layout.blocks_for(num_kv_tokens):
+                len(refs) != self._layout.blocks_for(num_kv_tokens):
             raise ValueError(f"session {session_id!r}: {num_kv_tokens} KV tokens need"
-                             f" {self.layout.blocks_for(num_kv_tokens)} blocks, got {len(refs)}")
+                             f" {self._layout.blocks_for(num_kv_tokens)} blocks, got"
+                             f" {len(refs)}")
         with self._session_lock:
             with self._lock:
                 if self._meta.session(session_id) is not None:
@@ -249,5 +263,5 @@ class SessionMethods:
             new = self._staged_records(refs)
             row = SessionRow(session_id, owner_uid, tokens, num_kv_tokens,
                              created if created is not None else now, now, tuple(new))
-            self._commit(self._commit_session_row, row, new, [])
+            self._space._commit(self._commit_session_row, row, new, [])
             return _info(row)

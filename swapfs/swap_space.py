@@ -10,7 +10,10 @@ Three kinds of slot content:
 Durable writes go: allocate slots -> write (O_DIRECT) -> fdatasync -> one SQLite commit.
 A slot is reused only after the commit that dropped it, and never while a reader has it
 pinned (a Snapshot, a swap_in or a prefix read in flight), so no reader sees a block that
-is being rewritten; the slot header's generation catches everything else.
+is being rewritten; the slot header's generation catches everything else. That bookkeeping
+is slot_map.SlotMap's; the prefix tier and the sessions are parts composed here
+(prefix_tier.PrefixTier, stored_sessions.StoredSessions); the swap kind and the slot I/O
+they share (write, verify, fdatasync, commit) are this class's.
 
 The sync API is thread-safe and blocking (call it from the engine's worker thread; from
 trio use `swapfs.trio_api.TrioSwapSpace`). Every failure is a typed `SwapError`, counted in
@@ -20,14 +23,12 @@ deduplication of session blocks against prefix blocks.
 """
 from __future__ import annotations
 
-import heapq
 import logging
 import os
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -37,9 +38,11 @@ from swapfs.errors import (SwapConfigError, SwapConflictError, SwapError, SwapFu
 from swapfs.layout import KVLayout
 from swapfs.metadata import Metadata
 from swapfs.pending_commit import PendingCommit
-from swapfs.records import Snapshot, SlotRef, SwapHandle, SwapStats
-from swapfs.prefix_tier import PrefixMethods
-from swapfs.stored_sessions import SessionMethods
+from swapfs.prefix_tier import PrefixTier
+from swapfs.records import (PrefixInfo, SessionInfo, Snapshot, SlotRef, SwapHandle,
+                            SwapStats)
+from swapfs.slot_map import SlotMap
+from swapfs.stored_sessions import StoredSessions
 from iosched import IOScheduler
 from swapfs.slot_store import SUPER_BYTES, PendingWrite, SlotStore, slot_stride
 
@@ -54,26 +57,18 @@ def _ewma(old: float, sample: float) -> float:
     return sample if old == 0.0 else (1 - _EWMA) * old + _EWMA * sample
 
 
-@dataclass(slots=True)
-class _Slot:
-    kind: str          # "swap" | "prefix" | "session" | "staged" (written, not committed)
-    generation: int
-    crc: int = 0
-
-
-class SwapSpace(PrefixMethods, SessionMethods):
-    """Attributes (all guarded by `_lock`):
-      _owner: slot_id -> _Slot for every slot not free; a slot is in exactly one of `_owner`,
-        `_free` (a min-heap, so batches get consecutive slots) or `_deferred` (released
-        while pinned; joins `_free` when its pin count drops to zero).
-      _pins: slot_id -> readers in flight; a pinned slot is never handed out.
-      _prefix: hash -> slot_id, least recently used first; every slot in it is kind prefix.
-      _prefix_times: hash -> (created, last_used); `_touched` hashes whose last_used is not
-        yet persisted (flushed with the next prefix commit and at close).
-      _pending_hashes: prefix hashes being written by some thread (skipped by other puts).
-      _sessions: session_id -> its slot ids in block order (mirror of the metadata).
-    `_session_lock` serializes session writes/deletes so a save can keep the unchanged blocks
-    of the previous version without pinning them.
+class SwapSpace:
+    """Attributes:
+      _store: the slot file (SlotStore); _meta: the metadata (Metadata).
+      _slots: the SlotMap of `_store`'s slots (which are free, owned by which kind, pinned,
+        their generations), guarded by `_lock` like everything below; its "session" slots
+        are exactly those of `_sessions`, its "prefix" slots those of `_prefixes`, and its
+        "swap" and "staged" slots are named by no committed metadata.
+      _prefixes: the PrefixTier (hash index, recency, eviction); _sessions: the
+        StoredSessions (with `_session_lock`, taken before `_lock`). Both are parts of this
+        space that own their state and use its lock, metadata, SlotMap and slot I/O.
+      _errors / _logged: SwapErrors counted by kind / kinds logged at ERROR once.
+      _bw, _commit_s, _counts: bandwidth and commit-time averages, swap counters.
     """
 
     def __init__(self, swap_dir: str, swap_size: int, layout: KVLayout, *, io_threads: int = 8,
@@ -90,7 +85,6 @@ class SwapSpace(PrefixMethods, SessionMethods):
             raise from_os_error(exc, f"creating --swap-dir {swap_dir}") from exc
         self.layout = layout
         self._lock = threading.RLock()
-        self._session_lock = threading.Lock()
         self._store = SlotStore(os.path.join(swap_dir, SLOT_FILE), layout.block_bytes, num_slots,
                                 layout.layout_id, io_threads=io_threads,
                                 checksum_name=checksum, scheduler=scheduler)
@@ -120,27 +114,14 @@ class SwapSpace(PrefixMethods, SessionMethods):
                 log.warning("swapfs: dropping every stored session and prefix block: %s", why)
             self._meta.reset(identity)
         used = self._meta.used_slots()
-        self._owner = {s: _Slot(k, g, c) for s, (g, k, c) in used.items()}
-        self._free = [s for s in range(num_slots) if s not in self._owner]
-        self._deferred: set[int] = set()
-        self._pins: Counter[int] = Counter()
-        self._next_gen = max((g for g, _k, _c in used.values()), default=0) + 1
-        self._prefix: OrderedDict[bytes, int] = OrderedDict()
-        self._prefix_times: dict[bytes, tuple[float, float]] = {}
-        for h, slot, created, last_used in self._meta.prefixes():
-            self._prefix[h] = slot
-            self._prefix_times[h] = (created, last_used)
-        self._touched: set[bytes] = set()
-        self._pending_hashes: set[bytes] = set()
-        self._sessions: dict[str, tuple[int, ...]] = {}
-        for sid in self._meta.session_ids():
-            row = self._meta.session(sid)
-            self._sessions[sid] = tuple(b.slot_id for b in row.blocks)
+        self._slots = SlotMap(num_slots, {s: (k, g, c) for s, (g, k, c) in used.items()})
+        self._prefixes = PrefixTier(self)
+        self._sessions = StoredSessions(self)
 
     def close(self) -> None:
         with self._lock:
             try:
-                self._flush_touched()
+                self._prefixes.flush_touched()
             except SwapError as exc:
                 self._record(exc)
             try:
@@ -157,45 +138,26 @@ class SwapSpace(PrefixMethods, SessionMethods):
     # -- slot bookkeeping (callers hold _lock) -------------------------------------------------
 
     def _allocate(self, n: int, kind: str, *, partial: bool = False) -> list[SlotRef]:
-        if len(self._free) < n:
-            self._evict_prefixes(n - len(self._free))
-        if len(self._free) < n:
+        """`n` slots of `kind` ("swap" or "staged"), evicting the least recently used prefix
+        blocks when too few are free; with `partial` as many as there are, else
+        SwapFullError when short."""
+        if self._slots.num_free < n:
+            self._prefixes.evict(n - self._slots.num_free)
+        if self._slots.num_free < n:
             if not partial:
                 raise SwapFullError(
-                    f"swap space full: {len(self._owner)} of {self._store.num_slots} slots hold"
-                    f" sessions and swapped blocks, {n} more needed; raise --swap-size or delete"
-                    " sessions")
-            n = len(self._free)
-        refs = []
-        for _ in range(n):
-            slot = heapq.heappop(self._free)
-            assert slot not in self._owner and not self._pins[slot]
-            self._owner[slot] = _Slot(kind, self._next_gen)
-            refs.append(SlotRef(slot, self._next_gen))
-            self._next_gen += 1
+                    f"swap space full: {self._slots.num_owned} of {self._slots.num_slots} slots"
+                    f" hold sessions and swapped blocks, {n} more needed; raise --swap-size or"
+                    " delete sessions")
+            n = self._slots.num_free
+        refs = self._slots.allocate(n, kind)
+        assert refs is not None
         return refs
 
-    def _release(self, slots: Sequence[int]) -> None:
-        for slot in slots:
-            del self._owner[slot]
-            if self._pins[slot]:
-                self._deferred.add(slot)
-            else:
-                heapq.heappush(self._free, slot)
-
-    def _pin(self, slots: Sequence[int]) -> None:
-        for slot in slots:
-            self._pins[slot] += 1
-
-    def _unpin(self, slots: Sequence[int]) -> None:
-        for slot in slots:
-            self._pins[slot] -= 1
-            assert self._pins[slot] >= 0
-            if not self._pins[slot]:
-                del self._pins[slot]
-                if slot in self._deferred:
-                    self._deferred.discard(slot)
-                    heapq.heappush(self._free, slot)
+    def discard_staged(self, refs: Sequence[SlotRef]) -> None:
+        """Free staged slots no commit named (those since freed or reused are ignored)."""
+        with self._lock:
+            self._slots.release_live(refs, "staged")
 
     def _record(self, exc: SwapError) -> None:
         with self._lock:
@@ -230,7 +192,7 @@ class SwapSpace(PrefixMethods, SessionMethods):
                                              for r, v in zip(refs, views)])
         except SwapError as exc:
             with self._lock:
-                self._release([r.slot_id for r in refs])
+                self._slots.release(r.slot_id for r in refs)
             self._record(exc)
             raise
 
@@ -241,15 +203,14 @@ class SwapSpace(PrefixMethods, SessionMethods):
             crcs = self._store.finish_write(pending)
         except SwapError as exc:
             with self._lock:
-                self._release([r.slot_id for r in refs if (s := self._owner.get(r.slot_id))
-                               is not None and s.generation == r.generation])
+                self._slots.release_live(refs)
             self._record(exc)
             raise
         self._measure("write", len(refs) * self.layout.block_bytes,
                       time.perf_counter() - pending.started)
         with self._lock:
             for r, crc in zip(refs, crcs):
-                self._owner[r.slot_id].crc = crc
+                self._slots.set_crc(r.slot_id, crc)
         return crcs
 
     def read_refs(self, refs: Sequence[SlotRef], into: Sequence[Any]) -> list[SwapError | None]:
@@ -289,9 +250,9 @@ class SwapSpace(PrefixMethods, SessionMethods):
         if pending.result is None:
             try:
                 if pending.kind == "session":
-                    pending.result = self._finish_session(pending)
+                    pending.result = self._sessions.finish_save(pending)
                 else:
-                    pending.result = self._finish_prefix(pending)
+                    pending.result = self._prefixes.finish_put(pending)
             except SwapError as exc:
                 self.discard_staged(pending.refs)
                 if isinstance(exc, SwapConflictError):
@@ -332,17 +293,16 @@ class SwapSpace(PrefixMethods, SessionMethods):
         slots = [h.slot_id for h in handles]
         with self._lock:
             for h in handles:
-                s = self._owner.get(h.slot_id)
-                if s is None or s.kind != "swap" or s.generation != h.generation:
+                if not self._slots.is_live(SlotRef(h.slot_id, h.generation), "swap"):
                     raise SwapNotFoundError(f"swap handle {h} is not live (freed already?)")
-            self._pin(slots)
+            self._slots.pin(slots)
         try:
             results = self.read_refs([SlotRef(h.slot_id, h.generation) for h in handles], into)
         finally:
             with self._lock:
-                self._unpin(slots)
+                self._slots.unpin(slots)
                 if release:
-                    self._release(slots)
+                    self._slots.release(slots)
                 self._counts["swap_ins"] += len(slots)
         for exc in results:
             if exc is not None:
@@ -351,15 +311,107 @@ class SwapSpace(PrefixMethods, SessionMethods):
     def free(self, handles: Sequence[SwapHandle]) -> None:
         """Free swapped blocks; handles already freed are ignored."""
         with self._lock:
-            live = [h.slot_id for h in handles if (s := self._owner.get(h.slot_id)) is not None
-                    and s.kind == "swap" and s.generation == h.generation]
-            self._release(live)
+            self._slots.release_live((SlotRef(h.slot_id, h.generation) for h in handles), "swap")
+
+    # -- sessions (StoredSessions) -----------------------------------------------------------
+
+    def save_session(self, session_id: str, owner_uid: int, token_ids: Sequence[int],
+                     payloads: Sequence[Any], *, num_kv_tokens: int | None = None) -> SessionInfo:
+        """Store (or replace) a session durably: payloads[i] is the KV block i of
+        token_ids[:num_kv_tokens] (default: all tokens). Blocks unchanged since the last save
+        are not rewritten. Raises SwapFullError/SwapNoSpaceError/SwapIOError; the previous
+        version stays intact then."""
+        return self.finish(self.begin_save_session(session_id, owner_uid, token_ids, payloads,
+                                                   num_kv_tokens=num_kv_tokens))
+
+    def begin_save_session(self, session_id: str, owner_uid: int, token_ids: Sequence[int],
+                           payloads: Sequence[Any], *, num_kv_tokens: int | None = None,
+                           copy: bool = False) -> PendingCommit:
+        """Start `save_session`; commit with `finish` (StoredSessions.begin_save)."""
+        return self._sessions.begin_save(session_id, owner_uid, token_ids, payloads,
+                                         num_kv_tokens=num_kv_tokens, copy=copy)
+
+    def load_session(self, session_id: str, into: Sequence[Any]) -> SessionInfo:
+        """StoredSessions.load."""
+        return self._sessions.load(session_id, into)
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        return self._sessions.info(session_id)
+
+    def list_sessions(self, owner_uid: int | None = None) -> list[SessionInfo]:
+        return self._sessions.infos(owner_uid)
+
+    def delete_session(self, session_id: str) -> None:
+        """StoredSessions.delete."""
+        self._sessions.delete(session_id)
+
+    def session_snapshot(self, session_id: str) -> Snapshot:
+        """StoredSessions.snapshot."""
+        return self._sessions.snapshot(session_id)
+
+    def stage_blocks(self, payloads: Sequence[Any]) -> list[SlotRef]:
+        """StoredSessions.stage."""
+        return self._sessions.stage(payloads)
+
+    def commit_staged_session(self, session_id: str, owner_uid: int, token_ids: Sequence[int],
+                              num_kv_tokens: int, refs: Sequence[SlotRef],
+                              created: float | None = None) -> SessionInfo:
+        """StoredSessions.commit_staged."""
+        return self._sessions.commit_staged(session_id, owner_uid, token_ids, num_kv_tokens,
+                                            refs, created)
+
+    # -- prefix blocks (PrefixTier) ------------------------------------------------------------
+
+    def put_prefix_blocks(self, items: Sequence[tuple[bytes, Any]]) -> int:
+        """Store (block hash, payload) pairs, parents first. Hashes already stored are only
+        marked recently used. When space runs short the oldest prefix blocks are evicted and
+        only the leading items that fit are stored. Returns how many new blocks were stored."""
+        return self.finish(self.begin_put_prefix_blocks(items))
+
+    def begin_put_prefix_blocks(self, items: Sequence[tuple[bytes, Any]]) -> PendingCommit:
+        """Start `put_prefix_blocks`: the new blocks are written (at KV_WRITE_BACK) into staged
+        slots, committed by `finish(pending)`; the payloads must stay unchanged until then.
+        Their hashes count as pending (other puts skip them) until finish."""
+        return self._prefixes.begin_put(items)
+
+    def has_prefix_blocks(self, hashes: Sequence[bytes]) -> int:
+        """How many leading hashes are stored (no I/O)."""
+        with self._lock:
+            return self._prefixes.count_stored(hashes)
+
+    def get_prefix_blocks(self, hashes: Sequence[bytes], into: Sequence[Any]) -> int:
+        """Read the leading stored blocks of `hashes` into `into`; returns how many were read
+        and verified (a miss, a corrupt or an unreadable block ends the run; corrupt entries
+        are dropped; errors are counted, not raised, since a miss is the cache's answer)."""
+        return self._prefixes.get(hashes, into)
+
+    def get_prefix_block(self, block_hash: bytes, into: Any) -> bool:
+        return self.get_prefix_blocks([block_hash], [into]) == 1
+
+    def drop_prefix_blocks(self, hashes: Sequence[bytes]) -> int:
+        """Forget stored prefix blocks (e.g. `rm -r` on the mount); returns how many."""
+        return self._prefixes.drop(hashes)
+
+    def list_prefixes(self) -> list[PrefixInfo]:
+        return self._prefixes.infos()
+
+    def prefix_info(self, block_hash: bytes) -> PrefixInfo:
+        return self._prefixes.info(block_hash)
+
+    def prefix_snapshot(self, block_hash: bytes) -> Snapshot:
+        """Pin a prefix block for reading (release with `release_snapshot`)."""
+        return self._prefixes.snapshot(block_hash)
+
+    def adopt_prefix_scheme(self, scheme: str) -> int:
+        """Record that prefix blocks are keyed by `scheme` from now on; every block stored
+        under another (or no recorded) scheme is dropped, never served. Returns how many."""
+        return self._prefixes.adopt_scheme(scheme)
 
     # -- snapshots for readers of the mount ----------------------------------------------------
 
     def release_snapshot(self, snap: Snapshot) -> None:
         with self._lock:
-            self._unpin([r.slot_id for r in snap.refs])
+            self._slots.unpin(r.slot_id for r in snap.refs)
 
     # -- statistics -------------------------------------------------------------------------------
 
@@ -378,27 +430,27 @@ class SwapSpace(PrefixMethods, SessionMethods):
     def statistics(self) -> SwapStats:
         bw = self._bandwidth()
         with self._lock:
-            kinds = Counter(s.kind for s in self._owner.values())
+            slots = self._slots.statistics()
+            kinds, prefixes = slots.owned, self._prefixes
             return SwapStats(
                 path=self._store.path, direct_io=self._store.direct_io,
                 model_id=self.layout.model_id, block_bytes=self.layout.block_bytes,
                 slot_bytes=self._store.stride, capacity_slots=self._store.num_slots,
-                free_slots=len(self._free) + len(self._deferred),
-                swap_slots=kinds["swap"], prefix_slots=kinds["prefix"],
-                session_slots=kinds["session"], sessions=len(self._sessions),
+                free_slots=slots.unused, swap_slots=kinds.get("swap", 0),
+                prefix_slots=kinds.get("prefix", 0), session_slots=kinds.get("session", 0),
+                sessions=len(self._sessions),
                 bytes_written=self._store.bytes_written, bytes_read=self._store.bytes_read,
                 write_bandwidth=bw["write"], read_bandwidth=bw["read"],
                 commit_seconds=self._commit_s, swap_outs=self._counts["swap_outs"],
-                swap_ins=self._counts["swap_ins"], prefix_hits=self._counts["prefix_hits"],
-                prefix_misses=self._counts["prefix_misses"],
-                prefix_evictions=self._counts["prefix_evictions"],
+                swap_ins=self._counts["swap_ins"], prefix_hits=prefixes.hits,
+                prefix_misses=prefixes.misses, prefix_evictions=prefixes.evictions,
                 errors=MappingProxyType(dict(self._errors)))
 
     def calibrate(self, nbytes: int = 16 << 20) -> None:
         """Measure write and read bandwidth on free slots (seeds the statistics)."""
         n = max(1, nbytes // self.layout.block_bytes)
         with self._lock:
-            n = min(n, len(self._free))
+            n = min(n, self._slots.num_free)
             if n == 0:
                 return
             refs = self._allocate(n, "swap")
@@ -413,5 +465,4 @@ class SwapSpace(PrefixMethods, SessionMethods):
             pass  # counted and logged by _write / read_refs
         finally:
             with self._lock:
-                self._release([r.slot_id for r in refs if (s := self._owner.get(r.slot_id))
-                               is not None and s.generation == r.generation])
+                self._slots.release_live(refs)
