@@ -20,8 +20,6 @@ value checks; on such an error the Python checks are run to give their usual mes
 from __future__ import annotations
 
 import functools
-import logging
-from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -32,34 +30,22 @@ from kernels.native_library import CSRC, NativeLibrary
 __all__ = ["EXTENSION_NAME", "build", "extension", "library_path", "serves_decode",
            "paged_attention_decode", "paged_attention_prefill", "reshape_and_cache"]
 
-log = logging.getLogger("kvmm.kernels")
-
 LIBRARY = NativeLibrary("kvmm_paged_attention_cpu", CSRC / "paged_attention_cpu.cpp",
-                        (CSRC / "simd.h",), "native CPU kernels", "kernels.cpu_native")
+                        (CSRC / "simd.h",), "native CPU kernels", "kernels.cpu_native",
+                        "the torch path serves CPU tensors")
 EXTENSION_NAME = LIBRARY.name
 SOURCE = LIBRARY.source
 DTYPES = (torch.float32, torch.bfloat16)
 HEAD_DIM_MULTIPLE = 16          # the widest vector of float32 lanes (AVX-512); C++ checks too
 
-
-def library_path() -> Path:
-    return LIBRARY.library_path()
-
-
-def build(*, force: bool = False, verbose: bool = False) -> Path:
-    """Compiles the extension for this machine unless the library is newer than its source.
-
-    Returns the library's path; raises what the compiler or ninja raise (ninja is required)."""
-    return LIBRARY.build(force=force, verbose=verbose)
+library_path = LIBRARY.library_path
+build = LIBRARY.build           # compiles for this machine unless the library is current
 
 
 @functools.cache
 def extension() -> ModuleType | str:
     """The loaded extension, or why there is none (asked once per process; logged once)."""
-    module = LIBRARY.load()
-    if isinstance(module, str):
-        log.warning("%s; the torch path serves CPU tensors", module)
-    return module
+    return LIBRARY.load()
 
 
 def serves_decode(q: object) -> bool:

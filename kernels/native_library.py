@@ -12,12 +12,15 @@ expansion).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+
+log = logging.getLogger("kvmm.kernels")
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
@@ -28,13 +31,15 @@ STALE_LOCK_S = 600              # a build lock older than this was left by a kil
 class NativeLibrary:
     """name: the extension's module name; source: its one .cpp; headers: what it includes
     (their times count as the source's); what: how log lines name it ("native CPU kernels");
-    owner: the Python module whose build() rebuilds it (named in the fix)."""
+    owner: the Python module whose build() rebuilds it (named in the fix); fallback: what
+    serves without it (the end of the log line)."""
 
     name: str
     source: Path
     headers: tuple[Path, ...]
     what: str
     owner: str
+    fallback: str
 
     def build_directory(self) -> Path:
         """$TORCH_EXTENSIONS_DIR/<name> or <venv>/torch_extensions/<name>."""
@@ -69,7 +74,14 @@ class NativeLibrary:
         return library
 
     def load(self) -> ModuleType | str:
-        """The loaded extension, or why there is none (callers cache and log it)."""
+        """The loaded extension, or why there is none, logged as one warning line (callers
+        ask once per process)."""
+        reason = self._load()
+        if isinstance(reason, str):
+            log.warning("%s; %s", reason, self.fallback)
+        return reason
+
+    def _load(self) -> ModuleType | str:
         library = self.library_path()
         if not library.exists():
             return f"{self.what} not built ({library} missing); run scripts/setup.sh"

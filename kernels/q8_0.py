@@ -13,7 +13,6 @@ are one piece, not the buffer), and one log line says why.
 from __future__ import annotations
 
 import functools
-import logging
 from types import ModuleType
 
 import torch
@@ -23,29 +22,20 @@ from kernels.native_library import CSRC, NativeLibrary
 __all__ = ["BLOCK", "IN_BYTES", "OUT_BYTES", "LIBRARY", "build", "extension", "expand_to_bf16_",
            "expand_to_bf16_torch_"]
 
-log = logging.getLogger("kvmm.kernels")
-
 BLOCK = 32                  # weights per Q8_0 block
 IN_BYTES = 34               # f16 scale + 32 int8 codes
 OUT_BYTES = 2 * BLOCK       # 32 bfloat16
 TORCH_PIECE_BLOCKS = 2048   # blocks per piece on the torch path (~200 KiB of temporaries)
 
-LIBRARY = NativeLibrary("kvmm_q8_0_cpu", CSRC / "q8_0_bf16.cpp", (),
-                        "native Q8_0 expansion", "kernels.q8_0")
-
-
-def build(*, force: bool = False, verbose: bool = False):
-    """Compiles the library for this machine unless it is newer than its source (setup.sh)."""
-    return LIBRARY.build(force=force, verbose=verbose)
+LIBRARY = NativeLibrary("kvmm_q8_0_cpu", CSRC / "q8_0_bf16.cpp", (), "native Q8_0 expansion",
+                        "kernels.q8_0", "the LM head's Q8_0 blocks are expanded by torch")
+build = LIBRARY.build           # compiles for this machine unless the library is current (setup.sh)
 
 
 @functools.cache
 def extension() -> ModuleType | str:
     """The loaded library, or why there is none (asked once per process; logged once)."""
-    module = LIBRARY.load()
-    if isinstance(module, str):
-        log.warning("%s; the LM head's Q8_0 blocks are expanded by torch", module)
-    return module
+    return LIBRARY.load()
 
 
 def _check(buffer: torch.Tensor, blocks: int) -> None:

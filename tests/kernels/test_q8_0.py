@@ -15,20 +15,13 @@ import torch
 
 from kernels import q8_0
 from kvmm_daemon.model.quant_linear import QuantWeight
+from tests.kernels.conftest import built_or_skip
 
 
 @pytest.fixture(scope="module")
 def native() -> ModuleType:
-    if not isinstance(q8_0.extension(), ModuleType):
-        try:
-            q8_0.build()
-        except Exception as err:                         # compiler, ninja or linker failure
-            pytest.skip(f"the native Q8_0 expansion could not be built: {err}")
-        q8_0.extension.cache_clear()
-    module = q8_0.extension()
-    if not isinstance(module, ModuleType):
-        pytest.skip(module)
-    return module
+    """The loaded extension (built first if missing or stale)."""
+    return built_or_skip(q8_0)
 
 
 def random_blocks(n: int, seed: int) -> torch.Tensor:
