@@ -23,7 +23,6 @@ from typing import Iterator, Union
 import numpy as np
 import torch
 
-from kernels import q8_0
 from kvmm_daemon.model import quant_linear as ql
 from kvmm_daemon.model.spec import ModelSpec
 
@@ -52,10 +51,6 @@ class FlashForm:
 
     kind: str
     data: torch.Tensor      # uint8, the bytes the weight file holds
-
-    @property
-    def blocks(self) -> int:
-        return self.data.numel() // q8_0.IN_BYTES
 
 
 def q8_0_blocks(qw: ql.QuantWeight) -> torch.Tensor:
