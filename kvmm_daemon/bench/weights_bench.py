@@ -14,8 +14,9 @@ Reported per budget (and batch): decode tokens/s, kvmm ÷ llama.cpp, weight byte
 decoded token, the share of step time stalled on flash, the achieved read rate ÷ plain
 O_DIRECT reads of the same file in segment-sized requests (direct_read.py, the flash limit),
 and whether kvmm's greedy tokens equal those of the all-resident engine. The model's bytes
-are the GGUF file's (what llama.cpp maps); kvmm's forward form of the same weights is larger
-(bf16 LM head) and is reported as `kvmm_stream_bytes`.
+are the GGUF file's (what llama.cpp maps); the bytes of kvmm's weight file that a step would
+read with nothing pinned (int4-packed layers, the LM head as Q8_0 blocks) are reported as
+`kvmm_stream_bytes`.
 """
 from __future__ import annotations
 

@@ -327,7 +327,10 @@ def make_linear(parts: list[Any], *, mode: str = "auto") -> QuantLinear:
 def lm_head_chunk_rows(vocab_size: int, hidden_size: int, layer_bytes: int) -> int:
     """Vocabulary rows per LM-head chunk: about one layer's bytes at 2 bytes per weight, a
     multiple of 256 rows. A function of the model's shape only, so every engine of a model
-    (resident or streaming) splits the head alike and computes bit-identical logits."""
+    (resident or streaming) splits the head alike and computes bit-identical logits. A chunk
+    streamed as Q8_0 blocks reads about half that and expands in its slot to the bfloat16
+    size, so a window slot (sized by the largest segment in memory) still fits a layer or a
+    chunk with little waste."""
     rows = max(256, (layer_bytes // (2 * hidden_size)) // 256 * 256)
     return min(rows, -(-vocab_size // 256) * 256)
 

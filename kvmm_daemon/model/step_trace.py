@@ -67,9 +67,11 @@ class StepTrace:
         self._close_held(now)
         return now
 
-    def got(self, index: int, t_asked: float) -> None:
+    def got(self, index: int, t_asked: float | None) -> None:
+        """The forward has segment `index`; t_asked None: it was in memory (no stall)."""
         now = time.perf_counter()
-        self._stall[index] += now - t_asked
+        if t_asked is not None:
+            self._stall[index] += now - t_asked
         self._held, self._t_held = index, now
 
     def last(self) -> StepRecord | None:

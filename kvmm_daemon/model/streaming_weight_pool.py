@@ -4,9 +4,11 @@ Everything the pool holds sits in one huge-page arena of `WeightPlan.arena_bytes
 budget, locked in memory (MLOCK_ONFAULT) when RLIMIT_MEMLOCK allows: the pinned segments,
 the window's slots, the scratch the embedding rows are read into, and the final norm. The
 weights come from the prepared weight file (weight_file.py), read with O_DIRECT through
-iosched in the forward's exact form; the file's checksums are verified on open. The forward
-sees the surface of weight_pool.ResidentWeightPool; `embed` marks the start of a step, for
-the per-step figures (bytes read, stall, step time).
+iosched in the forward's exact form, but for the LM head's Q8_0 chunks, which are expanded to
+bfloat16 in place (in their slot after each read, or once in their pinned region): there is
+no scratch, and a slot is sized by the largest segment's memory form. The file's checksums are
+verified on open. The forward sees the surface of weight_pool.ResidentWeightPool; `embed`
+marks the start of a step, for the per-step figures (bytes read, stall, step time).
 """
 from __future__ import annotations
 
@@ -60,8 +62,8 @@ class StreamingWeightPool:
         self.window_reason = f"configured ({window})"
         if window <= 0:
             window, self.window_reason = self._measure_window(records)
-        self.plan = WeightPlan.make([r.nbytes for r in records], budget_bytes,
-                                    fixed_bytes=fixed, window=window)
+        self.plan = WeightPlan.make([r.nbytes for r in records], budget_bytes, fixed_bytes=fixed,
+                                    window=window, memory=[r.region_bytes for r in records])
         self.arena = AlignedBuffer(self.plan.arena_bytes, huge_pages=self.plan.huge_pages)
         self.lock_error = None if self.arena.lock() else self.arena.lock_error
         if self.lock_error:
@@ -84,8 +86,9 @@ class StreamingWeightPool:
         self.pinned: dict[int, Segment] = {}
         for i, rec in enumerate(records):
             if i in self.plan.resident:
-                view, t = region(rec.padded)
+                view, t = region(rec.region_bytes)
                 self._read(rec, view, verify)
+                rec.expand(t)
                 self.pinned[i] = segment_from_parts(rec.meta, rec.tensor_views(t))
             elif verify:
                 self._read(rec, self._slots[0][0], verify)
@@ -159,9 +162,9 @@ class StreamingWeightPool:
     def _segment(self, idx: int) -> Segment:
         t = self.trace.asked()
         seg = self.pinned.get(idx)
-        if seg is None:
-            seg = self.window.get(self._pos_of[idx])
-        self.trace.got(idx, t)
+        if seg is None:   # the stall ends when the read lands; an expansion after it is compute
+            return self.window.get(self._pos_of[idx], landed=lambda: self.trace.got(idx, t))
+        self.trace.got(idx, None)
         return seg
 
     def layer(self, i: int) -> LayerWeights:

@@ -3,7 +3,10 @@
 Written once per machine (`kvmm weights prepare`, or on first use of a model whose weight
 budget is below its size) in the daemon's state directory, it holds every weight in the
 exact form the forward multiplies (see weight_segments.py), so reading a segment needs no
-conversion. The int4 packing follows this CPU's vector width, so the file is keyed by the
+conversion, with one exception: a segment with a `form` (the LM head's chunks of a Q8_0 table
+multiplied in bfloat16) holds its Q8_0 blocks, 8.5 bits a weight, and `SegmentRecord.expand`
+turns them in place into the bfloat16 weight after the read (~0.1 ms per 2 MiB, native); its
+region in memory is then `memory_nbytes`, larger than the bytes read. The int4 packing follows this CPU's vector width, so the file is keyed by the
 model's content hash, torch's version and the CPU capability torch dispatches to; another
 key is another file.
 
@@ -11,8 +14,9 @@ Layout (all offsets and lengths of data regions are multiples of 4 KiB, for O_DI
     [0, 8)        magic b"KVMMWGT1"
     [8, 16)       u64 length L of the JSON header
     [16, 24)      u64 xxh3_64 of the JSON header
-    [24, 24+L)    JSON header: key, segments (offset, nbytes, xxh3_64, meta, tensor records
-                  relative to the segment), the final norm, the embedding table's row records
+    [24, 24+L)    JSON header: key, segments (offset, nbytes, xxh3_64, meta, form,
+                  memory_nbytes, tensor records of the memory form relative to the segment's
+                  region), the final norm, the embedding table's row records
     ...           padding to 4 KiB, then each segment at a 4 KiB boundary in step order,
                   then the final norm, then the embedding rows (record r at r*record_bytes)
 The file is written to a temporary name, fsynced, and renamed into place (then the directory
@@ -37,12 +41,13 @@ import numpy as np
 import torch
 import xxhash
 
+from kernels import q8_0
 from kvmm_daemon.errors import ConfigError, WeightFileError
 from kvmm_daemon.model.weight_segments import ModelWeights, segment_parts
 from kvmm_daemon.sizes import format_size
 
 MAGIC = b"KVMMWGT1"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2          # 2: the LM head of a Q8_0 table stored as Q8_0 blocks
 ALIGN = 4096
 TENSOR_ALIGN = 64
 _PREFIX = struct.Struct("<8sQQ")
@@ -133,16 +138,40 @@ class TensorRecord:
 
 @dataclass(frozen=True, slots=True)
 class SegmentRecord:
+    """One segment's place in the file and in memory.
+
+    nbytes bytes are read (`padded` with the 4 KiB rounding) into a region of `region_bytes`;
+    `tensors` are the memory form's tensors within that region. form None: the bytes read are
+    the memory form (memory_nbytes == nbytes). form "q8_0": they are Q8_0 blocks, turned in
+    place into the memory form (memory_nbytes > nbytes) by `expand`, once per read.
+    """
+
     name: str
     offset: int       # in the file, 4 KiB aligned
     nbytes: int       # data bytes; the region read is `padded` bytes
-    checksum: int
+    checksum: int     # xxh3_64 of the nbytes read
     meta: dict
     tensors: tuple[TensorRecord, ...]
+    form: str | None = None
+    memory_nbytes: int = 0
 
     @property
     def padded(self) -> int:
         return _round_up(self.nbytes, ALIGN)
+
+    @property
+    def region_bytes(self) -> int:
+        """Bytes the segment occupies in memory (pinned, or in a window slot)."""
+        return _round_up(max(self.nbytes, self.memory_nbytes), ALIGN)
+
+    def expand(self, region: torch.Tensor) -> None:
+        """Turn the bytes just read into `region` (uint8, >= region_bytes) into the memory
+        form; nothing to do for a segment stored as it is used. Not idempotent: once per read."""
+        if self.form == "q8_0":
+            q8_0.expand_to_bf16_(region[:self.region_bytes], self.nbytes // q8_0.IN_BYTES)
+        elif self.form is not None:
+            raise WeightFileError(f"segment {self.name} has the unknown form {self.form!r}; "
+                                  f"run: kvmm weights prepare")
 
     def tensor_views(self, region: torch.Tensor) -> dict[str, torch.Tensor]:
         return {t.key: t.view(region) for t in self.tensors}
@@ -215,6 +244,11 @@ class WeightFile:
         step needs are a few pages and not counted)."""
         return sum(s.nbytes for s in self.segments)
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes every segment's region takes when all are resident."""
+        return sum(s.region_bytes for s in self.segments)
+
     @classmethod
     def open(cls, path: str | os.PathLike, key: dict | None = None) -> WeightFile:
         path = Path(path)
@@ -244,7 +278,8 @@ def _tensor_record(d: dict) -> TensorRecord:
 
 def _segment_record(d: dict) -> SegmentRecord:
     return SegmentRecord(d["name"], d["offset"], d["nbytes"], d["checksum"], d["meta"],
-                         tuple(_tensor_record(t) for t in d["tensors"]))
+                         tuple(_tensor_record(t) for t in d["tensors"]), d.get("form"),
+                         d.get("memory_nbytes", d["nbytes"]))
 
 
 def _record_dict(r: TensorRecord) -> dict:
@@ -302,14 +337,21 @@ def _write_body(weights: ModelWeights, f, key: dict, progress: Progress | None) 
     reserve = _round_up(64 * 1024 + 2048 * len(ids), ALIGN)   # header space, generously
     pos = reserve
     segments = []
-    for n, (sid, segment) in enumerate(weights.segments()):
+    for n, (sid, segment, flash) in enumerate(weights.stored_segments()):
         meta, tensors = segment_parts(segment)
-        records, nbytes = _records(tensors)
-        buf = _pack(records, tensors, nbytes)
+        records, memory_nbytes = _records(tensors)
+        if flash is None:
+            nbytes, buf = memory_nbytes, _pack(records, tensors, memory_nbytes)
+        else:
+            nbytes = flash.data.numel()
+            buf = np.zeros(_round_up(nbytes, ALIGN), np.uint8)
+            buf[:nbytes] = _tensor_bytes(flash.data)
         f.seek(pos)
         f.write(buf.data)
         segments.append({"name": sid.name, "offset": pos, "nbytes": nbytes,
                          "checksum": xxhash.xxh3_64_intdigest(buf[:nbytes].data), "meta": meta,
+                         "form": None if flash is None else flash.kind,
+                         "memory_nbytes": memory_nbytes,
                          "tensors": [_record_dict(r) for r in records]})
         pos += len(buf)
         if progress:

@@ -7,10 +7,14 @@ is to pin a fixed subset and stream the rest (Belady's MIN on a loop). So the pl
 many segments as fit beside a window of `window` slots (one being computed on, the others in
 flight), and bytes read per step = streamed segments' bytes, nothing more.
 
-Pinned segments are spread evenly over the cycle, so the reads of the streamed ones overlap
-the compute of pinned ones instead of bunching up. The budget covers everything the pool
-holds: pinned segments, window slots, the embedding rows' scratch and the final norm; it is
-rounded to the 2 MiB huge pages the arena is made of.
+A segment may take more bytes in memory than it reads from flash (the LM head's Q8_0 chunks
+expand to bfloat16 in place): a slot holds the largest segment's memory form, and the plan
+pins first the segments that save the most reads per byte of memory (layers, read as they
+are used), then the others in what room is left. Within each such class the pinned segments
+are spread evenly over the cycle, so the reads of the streamed ones overlap the compute of
+pinned ones instead of bunching up. The budget covers everything the pool holds: pinned
+segments, window slots, the embedding rows' scratch and the final norm; it is rounded to the
+2 MiB huge pages the arena is made of.
 Prior art: "LLM in a Flash" (Alizadeh et al. 2023, windowing), PowerInfer-2's pinned hot set.
 """
 from __future__ import annotations
@@ -34,8 +38,8 @@ class WeightPlan:
     """Attributes:
         resident: indices of pinned segments (ascending); streamed: the others, in step order.
         window: slots the streamed segments cycle through (0 when nothing streams).
-        slot_bytes: one slot (the largest streamed segment, 4 KiB rounded).
-        resident_bytes: pinned segments' 4 KiB-rounded bytes; fixed_bytes: scratch + norm.
+        slot_bytes: one slot (the largest segment's memory form, 4 KiB rounded).
+        resident_bytes: pinned segments' 4 KiB-rounded memory bytes; fixed_bytes: scratch + norm.
         arena_bytes: everything, 2 MiB rounded; <= the budget (invariant).
     """
 
@@ -53,12 +57,17 @@ class WeightPlan:
         return self.arena_bytes % HUGE_PAGE == 0
 
     @classmethod
-    def make(cls, sizes: list[int], budget: int, *, fixed_bytes: int, window: int) -> WeightPlan:
+    def make(cls, sizes: list[int], budget: int, *, fixed_bytes: int, window: int,
+             memory: list[int] | None = None) -> WeightPlan:
         """Pin what fits beside a window of `window` slots (fewer if fewer segments stream).
-        Raises ConfigError naming the minimum when even the window does not fit. Budgets of
-        4 MiB and more are planned in whole 2 MiB huge pages, smaller ones in 4 KiB pages."""
+        sizes: the bytes each segment reads from flash; memory: the bytes it takes in memory
+        (>= sizes; default sizes). Raises ConfigError naming the minimum when even the window
+        does not fit. Budgets of 4 MiB and more are planned in whole 2 MiB huge pages, smaller
+        ones in 4 KiB pages."""
         granule = HUGE_PAGE if budget >= 2 * HUGE_PAGE else ALIGN
-        padded = [_round_up(s, ALIGN) for s in sizes]
+        memory = list(sizes) if memory is None else memory
+        assert len(memory) == len(sizes) and all(m >= s for m, s in zip(memory, sizes))
+        padded = [_round_up(m, ALIGN) for m in memory]
         fixed = _round_up(fixed_bytes, ALIGN)
         if _round_up(sum(padded) + fixed, granule) <= budget:
             return cls(tuple(range(len(sizes))), (), 0, 0, sum(padded), fixed,
@@ -70,28 +79,46 @@ class WeightPlan:
             minimum = _round_up(minimum, HUGE_PAGE)
         if budget < minimum:
             raise ConfigError(f"weight budget of {format_size(budget)} cannot hold the streaming "
-                              f"window (2 segments of {format_size(slot)} plus {format_size(fixed)}); "
-                              f"raise --weight-budget to at least {format_size(minimum)}")
+                              f"window (2 slots of {format_size(slot)}, the largest segment in "
+                              f"memory, plus {format_size(fixed)}); raise --weight-budget to at "
+                              f"least {format_size(minimum)}")
         while window > 2 and _round_up(window * slot + fixed, granule) > budget:
             window -= 1
         # The arena is rounded up to whole granules: keep the rounding inside the budget.
         room = (budget // granule) * granule - window * slot - fixed
-        count = 0
-        order = sorted(range(len(sizes)), key=lambda i: padded[i])
-        used = 0
-        for i in order:                       # how many fit (smallest first maximises count)
-            if used + padded[i] > room:
-                break
-            used += padded[i]
-            count += 1
-        resident = _spread(len(sizes), count, padded, room)
+        resident: list[int] = []
+        for group in _by_saving(sizes, padded):   # the most reads saved per byte first
+            picks = _pick(group, padded, room)
+            resident += picks
+            room -= sum(padded[i] for i in picks)
+        resident = sorted(resident)
         streamed = tuple(i for i in range(len(sizes)) if i not in set(resident))
         window = min(window, len(streamed)) or 1
         rbytes = sum(padded[i] for i in resident)
         arena = _round_up(rbytes + window * slot + fixed, granule)
         assert arena <= budget
-        return cls(resident, streamed, window, slot, rbytes, fixed, arena,
+        return cls(tuple(resident), streamed, window, slot, rbytes, fixed, arena,
                    sum(sizes[i] for i in streamed))
+
+
+def _by_saving(sizes: list[int], padded: list[int]) -> list[list[int]]:
+    """Segment indices grouped by the flash bytes pinning one saves per byte of memory (to
+    two decimals: a layer's 4 KiB rounding does not split the layers), best group first."""
+    groups: dict[float, list[int]] = {}
+    for i, (s, p) in enumerate(zip(sizes, padded)):
+        groups.setdefault(round(s / p, 2) if p else 1.0, []).append(i)
+    return [groups[k] for k in sorted(groups, reverse=True)]
+
+
+def _pick(group: list[int], padded: list[int], room: int) -> list[int]:
+    """As many of `group` as fit in `room` (counted smallest first), spread evenly over it."""
+    count, used = 0, 0
+    for i in sorted(group, key=lambda i: padded[i]):
+        if used + padded[i] > room:
+            break
+        used += padded[i]
+        count += 1
+    return [group[k] for k in _spread(len(group), count, [padded[i] for i in group], room)]
 
 
 def _spread(n: int, count: int, padded: list[int], room: int) -> tuple[int, ...]:

@@ -7,7 +7,8 @@ pool's to decide. Two pools share that surface:
 * `ResidentWeightPool` (no --weight-budget): every segment converted from the model file and
   held in memory, the embedding table too.
 * `StreamingWeightPool` (--weight-budget, streaming_weight_pool.py): a hard byte budget over everything the pool holds.
-  Weights come from the prepared weight file (weight_file.py) in the forward's exact form;
+  Weights come from the prepared weight file (weight_file.py) in the forward's exact form
+  (the LM head of a Q8_0 table as its blocks, expanded to bfloat16 in place after each read);
   `WeightPlan` pins the segments that fit beside a window and `StreamWindow` streams the rest
   through iosched, read ahead of compute; the embedding rows a step needs are read from flash.
   The arena is one huge-page buffer, locked in memory (MLOCK_ONFAULT) when the limit allows.

@@ -10,13 +10,17 @@ is a few KiB that always stays resident.
 
 `segment_parts` / `segment_from_parts` convert a segment to (JSON-able meta, named tensors)
 and back over any tensors (views into a flash buffer included), with no conversion: the
-bytes a weight file holds are the bytes the matmuls read.
+bytes a weight file holds are the bytes the matmuls read. One exception, `FlashForm`: an LM
+head multiplied in bfloat16 from a Q8_0 table (SmolLM2's tied embeddings) is stored as its
+Q8_0 blocks, 8.5 bits a weight instead of 16, and expanded in place after each read
+(kernels/q8_0.py) into exactly the bfloat16 weight the resident head holds.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterator, Union
 
+import numpy as np
 import torch
 
 from kvmm_daemon.model import quant_linear as ql
@@ -37,6 +41,24 @@ class LayerWeights:
 
 
 Segment = Union[LayerWeights, ql.QuantLinear]   # a layer, or one LM-head chunk
+
+
+@dataclass(frozen=True, slots=True)
+class FlashForm:
+    """A segment stored in another form than its memory form. kind "q8_0": `data` holds the
+    chunk's GGUF Q8_0 blocks (f16 d, 32 int8 q; 34 bytes), row by row, which kernels.q8_0
+    expands in place to the chunk linear's bfloat16 weight [rows, in] (64 bytes a block)."""
+
+    kind: str
+    data: torch.Tensor      # uint8, the bytes the weight file holds
+
+
+def q8_0_blocks(qw: ql.QuantWeight) -> torch.Tensor:
+    """A Q8_0 weight's GGUF blocks (uint8, flat, row-major): the inverse of
+    QuantWeight.from_blocks (d is kept as its exact f16 value)."""
+    d = qw.d.astype(np.float16).view(np.uint8).reshape(qw.out_features, -1, 2)
+    q = qw.q.view(np.uint8).reshape(qw.out_features, -1, ql.GROUP)
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate([d, q], axis=-1)).reshape(-1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +128,18 @@ class ModelWeights:
         return ql.make_lm_head_chunks(self.model_file.tensor(self._head_name),
                                       chunk_rows=self.lm_head_chunk_rows, mode=self.linear_mode)
 
+    def _head_flash_forms(self, chunks: list[ql.QuantLinear]) -> list[FlashForm | None]:
+        """Q8_0 blocks of each chunk when the head is a Q8_0 table multiplied in bfloat16
+        (its bfloat16 weight is then bf16(d * q), which the blocks give back exactly)."""
+        if not chunks or chunks[0].mode != "bfloat16":
+            return [None] * len(chunks)
+        qw = ql.as_quant_weight(self.model_file.tensor(self._head_name))
+        if qw.ggml_type != "Q8_0":
+            return [None] * len(chunks)
+        rows = self.lm_head_chunk_rows
+        return [FlashForm("q8_0", q8_0_blocks(qw.rows(a, min(a + rows, qw.out_features))))
+                for a in range(0, qw.out_features, rows)]
+
     def lm_head_whole(self) -> ql.QuantLinear:
         """The head as one linear: one matmul when it is all in memory. Its logits equal
         the chunks' bit for bit (each logit is the same dot product; checked across batch
@@ -114,10 +148,17 @@ class ModelWeights:
 
     def segments(self) -> Iterator[tuple[SegmentId, Segment]]:
         """Every segment in step order; the LM head's table is converted once, at its turn."""
+        for sid, segment, _ in self.stored_segments():
+            yield sid, segment
+
+    def stored_segments(self) -> Iterator[tuple[SegmentId, Segment, FlashForm | None]]:
+        """Every segment in step order with the form a weight file stores it in (None: as
+        `segment_parts` gives it)."""
         for i in range(self.spec.num_layers):
-            yield SegmentId("layer", i), self.layer(i)
-        for c, chunk in enumerate(self.lm_head()):
-            yield SegmentId("lm_head", c), chunk
+            yield SegmentId("layer", i), self.layer(i), None
+        chunks = self.lm_head()
+        for c, (chunk, flash) in enumerate(zip(chunks, self._head_flash_forms(chunks))):
+            yield SegmentId("lm_head", c), chunk, flash
 
     def embedding(self) -> ql.QuantEmbedding:
         return ql.make_embedding(self.model_file.tensor("token_embd.weight"))

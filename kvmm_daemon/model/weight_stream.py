@@ -6,6 +6,9 @@ WEIGHT_PREFETCH; the one the forward waits on is promoted to WEIGHT_READ). Askin
 segment releases the previous one's slot, and a freed slot is refilled at once with the next
 segment of the cycle, across step boundaries (the LM head's last chunk is followed by layer 0
 of the next step). The forward waits only for the segment it needs; that wait is the stall.
+A segment whose flash form is not its memory form (the LM head's Q8_0 chunks) is expanded in
+its slot once its read has landed, on the forward's thread, before it is handed over; every
+read of it lands in a freshly filled slot, so each read is expanded exactly once.
 
 A step that skips segments (no logits wanted: the LM head is not run) is met by discarding
 the entries before the one asked for; one asked for that is not in flight resets the cycle
@@ -84,9 +87,10 @@ class StreamWindow:
             self._free.append(self._current.slot)
             self._current = None
 
-    def get(self, pos: int):
+    def get(self, pos: int, landed: Callable[[], None] | None = None):
         """Segment `pos` (a Segment built over its slot), waiting for its read if needed.
-        Valid until the next get() or release()."""
+        `landed` is called once the read is complete, before the segment is expanded (the
+        caller's end of the stall). Valid until the next get() or release()."""
         self.release()
         if all(e.pos != pos for e in self._ring):
             self.reset(pos)
@@ -113,6 +117,9 @@ class StreamWindow:
         self.read_bytes += self.records[pos].padded
         self._current = entry
         self._fill()
+        if landed is not None:
+            landed()
+        self.records[pos].expand(self.slots[entry.slot][1])
         key = (entry.slot, pos)
         segment = self._built.get(key)
         if segment is None:   # views over a slot stay valid: build each (slot, segment) once

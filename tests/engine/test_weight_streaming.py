@@ -21,9 +21,11 @@ needs_fuse = pytest.mark.skipif(fuse_skip_reason() is not None, reason=fuse_skip
 
 @pytest.fixture(scope="module")
 def q4_model(tmp_path_factory):
+    """SmolLM2's mix: Q4_1 layers, a tied Q8_0 table (so the LM head streams as Q8_0 blocks)."""
     d = tmp_path_factory.mktemp("tiny-q4")
     hf = write_tiny_llama(d / "hf", layers=8, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=320)
-    return str(write_tiny_gguf(d / "tiny-q4.gguf", hf, weight_type="Q4_1"))
+    return str(write_tiny_gguf(d / "tiny-q4.gguf", hf, weight_type="Q4_1",
+                               types={"token_embd.weight": "Q8_0"}))
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import pytest
 import torch
@@ -19,6 +20,21 @@ import torch
 if not torch.cuda.is_available():
     # Triton reads this when it is first imported; the triton tests need the interpreter.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def built_or_skip(owner) -> ModuleType:
+    """`owner`'s loaded native library (kernels.cpu_native or kernels.q8_0), built first if it
+    is missing or stale; skips with the build's error when this machine cannot build it."""
+    if not isinstance(owner.extension(), ModuleType):
+        try:
+            owner.build()
+        except Exception as err:                         # compiler, ninja or linker failure
+            pytest.skip(f"{owner.LIBRARY.what} could not be built: {err}")
+        owner.extension.cache_clear()
+    module = owner.extension()
+    if not isinstance(module, ModuleType):
+        pytest.skip(module)
+    return module
+
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 

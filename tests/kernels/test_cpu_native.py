@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kernels import cpu_native, reference, torch_paged
+from tests.kernels.conftest import built_or_skip
 
 HEADS = [(4, 4), (6, 2), (8, 1)]                  # GQA ratios 1, 3, 8
 DTYPES = [torch.float32, torch.bfloat16]
@@ -22,16 +23,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 @pytest.fixture(scope="module")
 def native() -> ModuleType:
     """The loaded extension (built first if missing or stale)."""
-    if not isinstance(cpu_native.extension(), ModuleType):
-        try:
-            cpu_native.build()
-        except Exception as err:                         # compiler, ninja or linker failure
-            pytest.skip(f"the native CPU kernels could not be built: {err}")
-        cpu_native.extension.cache_clear()
-    module = cpu_native.extension()
-    if not isinstance(module, ModuleType):
-        pytest.skip(module)
-    return module
+    return built_or_skip(cpu_native)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

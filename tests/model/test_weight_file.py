@@ -84,6 +84,32 @@ def test_written_file_holds_the_forward_tensors(tiny_q4, tmp_path):
     assert torch.equal(table(torch.arange(3)), emb(torch.tensor(rows)))
 
 
+def test_a_q8_0_head_is_stored_as_its_blocks_and_expands_to_the_forward_weight(tmp_path):
+    hf = write_tiny_llama(tmp_path / "hf", layers=2, hidden=64, intermediate=128, vocab=700)
+    model = write_tiny_gguf(tmp_path / "q8-head.gguf", hf, weight_type="Q4_1",
+                            types={"token_embd.weight": "Q8_0"})
+    mf = open_model(model)
+    wf = prepare(mf, model, tmp_path, progress=False)
+    mw = ModelWeights(mf, mf.spec)
+    raw = torch.frombuffer(bytearray(wf.path.read_bytes()), dtype=torch.uint8)
+    heads = 0
+    for rec, (sid, seg) in zip(wf.segments, mw.segments()):
+        if sid.kind != "lm_head":
+            assert rec.form is None and rec.memory_nbytes == rec.nbytes
+            continue
+        heads += 1
+        rows = seg.out_features
+        assert rec.form == "q8_0" and seg.mode == "bfloat16"
+        assert rec.nbytes == rows * 64 // 32 * 34 and rec.memory_nbytes == rows * 64 * 2
+        region = torch.zeros(rec.region_bytes, dtype=torch.uint8)
+        region[:rec.padded] = raw[rec.offset:rec.offset + rec.padded]
+        rec.expand(region)
+        copy = segment_from_parts(rec.meta, rec.tensor_views(region))
+        assert torch.equal(copy.weight.view(torch.int16), seg.weight.view(torch.int16))
+    assert heads == mw.lm_head_chunks >= 2
+    assert wf.model_bytes < wf.memory_bytes
+
+
 def test_stale_and_corrupt_files_are_refused(tiny_q4, tmp_path):
     mf = open_model(tiny_q4)
     wf = prepare(mf, tiny_q4, tmp_path, progress=False)

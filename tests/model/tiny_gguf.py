@@ -59,8 +59,10 @@ def gguf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 def write_tiny_gguf(path: str | Path, hf_dir: str | Path, *, weight_type: str = "F32",
                     arch: str = "llama", drop: tuple[str, ...] = (),
-                    raw_types: dict[str, str] | None = None) -> Path:
-    """Write the GGUF of `hf_dir` (a write_tiny_llama directory) to `path`."""
+                    raw_types: dict[str, str] | None = None,
+                    types: dict[str, str] | None = None) -> Path:
+    """Write the GGUF of `hf_dir` (a write_tiny_llama directory) to `path`; `types` gives
+    single tensors another type than `weight_type` (SmolLM2: Q4_1, token_embd Q8_0)."""
     path, hf_dir = Path(path), Path(hf_dir)
     cfg = json.loads((hf_dir / "config.json").read_text())
     tj = json.loads((hf_dir / "tokenizer.json").read_text())
@@ -97,8 +99,8 @@ def write_tiny_gguf(path: str | Path, hf_dir: str | Path, *, weight_type: str = 
             block, size = GGML_QUANT_SIZES[qtype]
             filler = np.zeros((t.shape[0], t.shape[1] // block * size), np.uint8)
             w.add_tensor(name, filler, raw_dtype=qtype)
-        elif t.dim() == 2 and weight_type in ("Q8_0", "Q4_1"):
-            qtype = GGMLQuantizationType[weight_type]
+        elif t.dim() == 2 and (types or {}).get(name, weight_type) in ("Q8_0", "Q4_1"):
+            qtype = GGMLQuantizationType[(types or {}).get(name, weight_type)]
             w.add_tensor(name, quantize(t.numpy(), qtype), raw_dtype=qtype)
         elif t.dim() == 2 and weight_type == "F16":
             w.add_tensor(name, t.numpy().astype(np.float16))
