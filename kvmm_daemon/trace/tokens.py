@@ -1,11 +1,10 @@
-"""Tokens the daemon computed, read from its `stats` reply, to report figures per token.
+"""Tokens the daemon decoded, read from its `stats` reply, to report figures per token.
 
-`tokens_computed` of the engine's statistics counts every token a forward pass processed
-(prompt tokens of a prefill and one per decode step), read through the client library once
-per interval. When the daemon cannot be reached the source says why once and reports None,
-and the report simply has no per-token figures.
-
-Left out: splitting prefill from decode tokens (the engine's statistics do not separate them).
+`tokens_decoded` of the engine's statistics counts every token sampled (one per sequence
+per step that reached its end: the tokens clients receive), read through the client library
+once per interval; a daemon older than that counter gives `tokens_computed` instead (every
+token a forward pass processed, prompt tokens included). When the daemon cannot be reached
+the source says why once and reports None, and the report simply has no per-token figures.
 """
 from __future__ import annotations
 
@@ -37,9 +36,9 @@ class TokenSource:
             self.error = f"daemon stats unreachable ({exc}); per-token figures omitted"
             self.close()
             return None
-        tokens = stats.get("tokens_computed")
+        tokens = stats.get("tokens_decoded", stats.get("tokens_computed"))
         if not isinstance(tokens, int):
-            self.error = "daemon stats have no tokens_computed; per-token figures omitted"
+            self.error = "daemon stats have neither tokens_decoded nor tokens_computed; per-token figures omitted"
             self.close()
             return None
         return tokens
