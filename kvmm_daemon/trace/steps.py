@@ -14,46 +14,27 @@ Left out: steps that fell out of the daemon's ring between two reads are counted
 """
 from __future__ import annotations
 
+from kvmm_daemon.trace.daemon_query import DaemonQuery
 
-class StepSource:
-    """Reads the daemon's step trace.
+
+class StepSource(DaemonQuery):
+    """Reads the daemon's step trace (see DaemonQuery for `error` and its invariant).
 
     Attributes:
-      socket: the daemon socket (None: the client's default).
-      error: why the step trace cannot be read, or None while it can.
       files: {"weights": path | None, "swap": path | None} from the first reply.
       _last: `started` of the newest step already reported (-inf before the first read).
       _total: the daemon's step count at the last read.
-    Invariant: once `error` is set, read() returns None without connecting again.
     """
 
     def __init__(self, socket: str | None, *, timeout: float = 2.0):
-        self.socket = socket
-        self.timeout = timeout
-        self.error: str | None = None
+        super().__init__(socket, "steps", "per-layer compute and I/O wait", timeout=timeout)
         self.files: dict[str, str | None] = {}
-        self._client = None
         self._last = float("-inf")
         self._total: int | None = None
 
-    def _fetch(self) -> dict | None:
-        if self.error is not None:
-            return None
-        from kvmm_daemon.client import Client, ClientError, UnknownOperation
-        try:
-            if self._client is None:
-                self._client = Client(self.socket, timeout=self.timeout)
-            return self._client.steps()
-        except UnknownOperation:
-            self.error = "the daemon has no `steps` op (an older kvmm); per-layer compute and I/O wait omitted"
-        except (ClientError, OSError) as exc:
-            self.error = f"daemon step trace unreachable ({exc}); per-layer compute and I/O wait omitted"
-        self.close()
-        return None
-
     def start(self) -> None:
         """Mark what the daemon has now as seen; learn its files."""
-        reply = self._fetch()
+        reply = self.call()
         if reply is None:
             return
         self.files = dict(reply.get("files") or {})
@@ -63,7 +44,7 @@ class StepSource:
     def read(self, t0: float) -> dict | None:
         """The steps begun since the last read as a section (`t0`: the tracer's start on the
         monotonic clock), or None when the trace cannot be read."""
-        reply = self._fetch()
+        reply = self.call()
         if reply is None:
             return None
         new = [s for s in reply["steps"] if s["started"] > self._last]
@@ -73,11 +54,6 @@ class StepSource:
         ran = total - self._total if self._total is not None and total >= self._total else len(new)
         self._total = total
         return section(reply, new, ran, t0)
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
 
 
 def section(reply: dict, new: list[dict], ran: int, t0: float) -> dict:

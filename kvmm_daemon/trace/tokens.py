@@ -8,45 +8,24 @@ the source says why once and reports None, and the report simply has no per-toke
 """
 from __future__ import annotations
 
+from kvmm_daemon.trace.daemon_query import DaemonQuery
 
-class TokenSource:
-    """Reads the daemon's token counter.
 
-    Attributes:
-      socket: the daemon socket (None: the client's default).
-      error: why the counter is unavailable, or None while it can be read.
-    Invariant: once `error` is set, read() returns None without connecting again.
-    """
+class TokenSource(DaemonQuery):
+    """Reads the daemon's token counter (see DaemonQuery for `error` and its invariant)."""
 
     def __init__(self, socket: str | None, *, timeout: float = 2.0):
-        self.socket = socket
-        self.timeout = timeout
-        self.error: str | None = None
-        self._client = None
+        super().__init__(socket, "stats", "per-token figures", timeout=timeout)
 
     def read(self) -> int | None:
-        if self.error is not None:
-            return None
-        from kvmm_daemon.client import Client, ClientError
-        try:
-            if self._client is None:
-                self._client = Client(self.socket, timeout=self.timeout)
-            stats = self._client.stats()
-        except (ClientError, OSError) as exc:
-            self.error = f"daemon stats unreachable ({exc}); per-token figures omitted"
-            self.close()
+        stats = self.call()
+        if stats is None:
             return None
         tokens = stats.get("tokens_decoded", stats.get("tokens_computed"))
         if not isinstance(tokens, int):
-            self.error = "daemon stats have neither tokens_decoded nor tokens_computed; per-token figures omitted"
-            self.close()
+            self.fail("daemon stats have neither tokens_decoded nor tokens_computed")
             return None
         return tokens
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
 
 
 def token_delta(prev: int | None, cur: int | None) -> int | None:

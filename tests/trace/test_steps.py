@@ -23,4 +23,4 @@ def test_section_without_steps():
 def test_unreachable_daemon_says_why_once(tmp_path):
     src = steps.StepSource(str(tmp_path / "no.sock"))
     src.start()
-    assert src.read(0.0) is None and "daemon step trace unreachable" in src.error and src.files == {}
+    assert src.read(0.0) is None and src.error.startswith("daemon steps unreachable (cannot connect") and src.files == {}
