@@ -55,8 +55,10 @@ def wait_line(stream, pattern: str, sink: list) -> None:
 
 def tracer(argv: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # SIGINT back to its default: a background job inherits it ignored, and the tracers end on it
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT if argv[0].endswith("bpfcc")
-                            else subprocess.PIPE, text=True, env=env)
+                            else subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def parse_syscount(text: str) -> dict[str, int]:
@@ -102,9 +104,12 @@ def main() -> int:
     kvmm = tracer([*args.kvmm.split(), "trace", "-p", str(args.pid), "--socket", "/nonexistent/kvmm.sock",
                    "--json", "-i", "0.5", "--no-hist"])
     sysc = tracer(["/usr/sbin/syscount-bpfcc", "-p", str(args.pid), "-T", "400"])
-    k_err, s_out = [], []
+    k_err, s_out, k_lines = [], [], []
     wait_line(kvmm.stderr, r"tracing pid", k_err)
     wait_line(sysc.stdout, r"Tracing syscalls", s_out)
+    # read kvmm trace's lines as they come: a full pipe would block it mid-trace
+    reader = threading.Thread(target=lambda: k_lines.extend(kvmm.stdout), daemon=True)
+    reader.start()
 
     results: list = []
     start = threading.Barrier(args.clients + 1)
@@ -120,9 +125,10 @@ def main() -> int:
     time.sleep(1.5)
     for p in (kvmm, sysc):
         p.send_signal(signal.SIGINT)
-    k_out, k_rest = kvmm.communicate()
+    kvmm.wait()
+    reader.join()
     s_rest, _ = sysc.communicate()
-    interval = summed([json.loads(line) for line in k_out.strip().splitlines()])
+    interval = summed([json.loads(line) for line in k_lines if line.strip()])
     sc = parse_syscount("".join(s_out) + s_rest)
     tokens = sum(r[2] for r in results)
     per_client = [r[0] / r[1] for r in results if r[1] > 0 and r[0] > 1]
