@@ -9,12 +9,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 
 import pytest
 
 from kvmm_daemon.client import Client
 from kvmm_daemon.trace.probes import detect_environment
+from tests.trace.daemon_load import generating
 from tests.daemon.conftest import DaemonProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.bpf]
@@ -50,23 +50,11 @@ def test_trace_shows_steps_beside_the_weight_file(streaming_daemon, tmp_path):
     missing = detect_environment().missing()
     if missing:
         pytest.skip("BPF tracing unavailable: " + "; ".join(missing))
-    stop = threading.Event()
-
-    def load():
-        with Client(streaming_daemon.socket, timeout=60) as c:
-            while not stop.is_set():
-                c.generate(token_ids=[1, 2, 3, 4], max_tokens=8, ignore_eos=True)
-
-    worker = threading.Thread(target=load)
-    worker.start()
     timeline = tmp_path / "t.json"
-    try:
+    with generating(streaming_daemon.socket, max_tokens=8, timeout=60):
         proc = subprocess.run([sys.executable, "-m", "kvmm_daemon.cli", "trace", "--json", "-p",
                                str(streaming_daemon.proc.pid), "-i", "1.5", "-c", "2", "--perfetto", str(timeline),
                                "--probes", "block,syscalls"], capture_output=True, text=True, timeout=120)
-    finally:
-        stop.set()
-        worker.join(60)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     traced = [r for r in rows if r["steps"]["steps"]]
