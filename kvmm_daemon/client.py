@@ -74,6 +74,8 @@ class Operation:
 OPERATIONS: dict[str, Operation] = {
     "health": Operation("health", "Status, version, protocol, uptime and the caller's uid."),
     "stats": Operation("stats", "Engine, KV, client and server statistics (yours only, unless root)."),
+    "steps": Operation("steps", "The engine's last steps: per weight segment (layer), compute and "
+                       "I/O-wait seconds, and the weight and swap files (for `kvmm trace`)."),
     "requests": Operation("requests", "The requests in flight that you may see."),
     "cancel": Operation("cancel", "Abort a request in flight (NotFound once it finished).",
                         lambda request_id: {"request_id": request_id}, lambda r: None),

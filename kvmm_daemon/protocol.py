@@ -188,8 +188,13 @@ class HealthRequest:
     id: int
 
 
+@dataclass(frozen=True, slots=True)
+class StepsRequest:
+    id: int
+
+
 Request = (GenerateRequest | CancelRequest | ListRequestsRequest | SessionOpenRequest
-           | SessionListRequest | SessionDeleteRequest | StatsRequest | HealthRequest)
+           | SessionListRequest | SessionDeleteRequest | StatsRequest | HealthRequest | StepsRequest)
 
 _COMMON = frozenset({"v", "id", "op"})
 
@@ -318,6 +323,7 @@ OPS: dict[str, tuple[frozenset[str], Callable[[int, dict[str, Any], Any], Reques
     "session.delete": (frozenset({"session"}), _parse_session_delete),
     "stats": (frozenset(), _simple(StatsRequest)),
     "health": (frozenset(), _simple(HealthRequest)),
+    "steps": (frozenset(), _simple(StepsRequest)),
 }
 
 

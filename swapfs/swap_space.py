@@ -427,6 +427,11 @@ class SwapSpace:
                     bw[op] = v
         return bw
 
+    @property
+    def slot_file(self) -> str:
+        """The path of the slot file (for tools that attribute block I/O to it)."""
+        return self._store.path
+
     def statistics(self) -> SwapStats:
         bw = self._bandwidth()
         with self._lock:

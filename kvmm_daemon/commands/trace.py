@@ -2,12 +2,13 @@
 
 USAGE: kvmm trace [-h] [-p PID | -- COMMAND...] [--socket PATH] [-i SECONDS] [-c COUNT]
                   [--probes LIST] [--children] [--procfs] [--json] [--perfetto FILE]
-                  [--top N] [--no-hist]
+                  [--top N] [--no-hist] [--check]
 
-Kernel tracepoints only (no kprobes): block I/O latency, syscalls by type, off-CPU time by
-cause, user page faults, FUSE requests and io_uring, aggregated in the kernel and reported
-per interval (and per token the daemon computed, when its socket answers). Without root,
-bcc, kernel headers or tracefs it names what is missing and reports /proc counters instead.
+Kernel tracepoints only (no kprobes): block I/O latency (also per daemon weight and swap
+file), syscalls by type, futex wake-ups, off-CPU time by cause, user page faults, FUSE
+requests and io_uring, aggregated in the kernel and reported per interval (and per token the
+daemon decoded, with its per-layer compute and I/O wait, when its socket answers). Without
+root, bcc, kernel headers or tracefs it names what is missing and reports /proc counters.
 
 The logic lives in kvmm_daemon/trace/; this module is only the argparse edge (bcc tools'
 layout: USAGE, examples in --help, a hidden --ebpf that prints the C text).
@@ -29,6 +30,7 @@ EXAMPLES = """examples:
     kvmm trace --perfetto t.json -- kvmm run 'Name a colour.'
                                       # trace a command; open t.json in ui.perfetto.dev
     kvmm trace --procfs               # /proc counters only, no BPF
+    kvmm trace --check                # one line: which probes attach here, why the others cannot
 """
 
 
@@ -52,6 +54,8 @@ def register(subparsers) -> None:
     p.add_argument("--perfetto", metavar="FILE", help="write a Chrome trace-event JSON timeline for ui.perfetto.dev")
     p.add_argument("--top", type=int, default=10, metavar="N", help="syscalls shown per interval (default 10)")
     p.add_argument("--no-hist", action="store_true", help="omit histograms from the table")
+    p.add_argument("--check", action="store_true",
+                   help="attach every probe once and say in one line which attach and why the others cannot")
     p.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="run COMMAND and trace it (and its children) until it exits")
@@ -108,9 +112,15 @@ def _open_bpf(probes: list[str], follow_children: bool, notes: list[str]):
 def run(args: argparse.Namespace) -> int:
     from kvmm_daemon.trace import perfetto, report, target
     from kvmm_daemon.trace.programs import build_program
+    from kvmm_daemon.trace.steps import StepSource
     from kvmm_daemon.trace.tokens import TokenSource
     from kvmm_daemon.trace.tracer import BpfSource, ProcSource, run_intervals
 
+    if args.check:
+        from kvmm_daemon.trace.check import check
+        ok, line = check()
+        print(line)
+        return 0 if ok else 1
     probes = _check_args(args)
     follow = args.children or bool(args.command)
     if args.ebpf:
@@ -130,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     is_daemon = not command and target.is_daemon_cmdline(argv)
     socket = args.socket or (target.daemon_socket(argv) if is_daemon else None)
     tokens = TokenSource(socket) if (socket or is_daemon) else None
+    steps = StepSource(socket) if tokens is not None else None
     notes: list[str] = []
     session = None
     intervals: list[dict] = []
@@ -143,8 +154,12 @@ def run(args: argparse.Namespace) -> int:
             session = _open_bpf(probes, follow, notes)
             if session is None:
                 notes.append("falling back to /proc counters (no syscall types, block latency or off-CPU time)")
+        if steps is not None:
+            steps.start()
         if session is not None:
             session.add_target(pid)
+            if steps is not None:
+                notes.extend(session.set_files(steps.files))
             source = BpfSource(session)
             what = f"probes {', '.join(session.selection.enabled)}"
         else:
@@ -156,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         _note(f"tracing pid {pid} ({label}) with {what}; "
               + ("until it exits" if command else "Ctrl-C to end" if args.count is None else f"{args.count} reports"))
         for d in run_intervals(source, pids=[pid], interval=args.interval, count=args.count, done=done,
-                               tokens=tokens, notes=notes, started=command.release if command else None):
+                               tokens=tokens, steps=steps, notes=notes,
+                               started=command.release if command else None):
             intervals.append(d)
             if args.json:
                 print(json.dumps(d), flush=True)
@@ -170,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
             session.close()
         if tokens is not None:
             tokens.close()
+        if steps is not None:
+            steps.close()
         if args.perfetto and intervals:
             trace = perfetto.build_trace(intervals, pid=pid, label=f"kvmm trace: {label} (pid {pid})",
                                          other={"pids": [pid], "source": intervals[0]["source"],

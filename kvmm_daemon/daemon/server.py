@@ -170,7 +170,8 @@ class Server:
         self._operations: dict[type, Any] = {
             P.HealthRequest: self._health, P.StatsRequest: self._stats, P.ListRequestsRequest: self._requests,
             P.CancelRequest: self._cancel, P.SessionOpenRequest: self._session_open,
-            P.SessionListRequest: self._session_list, P.SessionDeleteRequest: self._session_delete}
+            P.SessionListRequest: self._session_list, P.SessionDeleteRequest: self._session_delete,
+            P.StepsRequest: self._steps}
 
     # ------------------------------------------------------------------ accepting
 
@@ -267,6 +268,9 @@ class Server:
 
     async def _stats(self, who: PeerCredentials, req: P.StatsRequest) -> dict[str, Any]:
         return await self.stats(who)
+
+    async def _steps(self, who: PeerCredentials, req: P.StepsRequest) -> dict[str, Any]:
+        return self.engine.step_trace()       # a copy of the kept steps: no lock needed
 
     async def _requests(self, who: PeerCredentials, req: P.ListRequestsRequest) -> list[dict[str, Any]]:
         now = time.monotonic()

@@ -23,7 +23,7 @@ import torch
 
 from kvmm_daemon.engine_config import EngineConfig
 from kvmm_daemon.engine import choices
-from kvmm_daemon.engine.engine_stats import EngineStats, SessionInfo
+from kvmm_daemon.engine.engine_stats import EngineStats, SessionInfo, step_trace
 from kvmm_daemon.engine.flash_tier import FlashTier
 from kvmm_daemon.engine.model_runner import ModelRunner, ScheduledChunk
 from kvmm_daemon.engine.outputs import GenerateResult, OutputAccumulator, RequestOutput
@@ -66,6 +66,7 @@ class Engine:
         self._inbox: list[tuple] = []
         self._steps = 0
         self._tokens_computed = 0
+        self._tokens_decoded = 0
         self._full_seen = 0          # the flash tier's "full" errors already answered by eviction
         if self.tier is not None:
             dropped = swap.adopt_prefix_scheme(PREFIX_HASH_SCHEME)
@@ -151,6 +152,10 @@ class Engine:
     def statistics(self) -> EngineStats:
         return self._snapshot
 
+    def step_trace(self) -> dict:
+        """Per-step, per-segment compute and stall times of the weight pool (any thread)."""
+        return step_trace(self)
+
     # --- admission checks -----------------------------------------------------------------
 
     def _check_fits(self, prompt_len: int, params: SamplingParams, session_id: str | None) -> None:
@@ -202,6 +207,7 @@ class Engine:
                 if s.reaches_end:
                     by_req.setdefault(s.request.request_id, (s.request, []))[1].append(row)
                     row += 1
+            self._tokens_decoded += row
             committed = self._commit(scheduled, outputs)
             for rid, (req, rows) in by_req.items():
                 if rid not in committed:

@@ -20,12 +20,13 @@ class EngineStats:
     requests: dict           # running, waiting, preemptions
     sessions: tuple[SessionInfo, ...]
     steps: int
-    tokens_computed: int
+    tokens_computed: int     # every token a forward pass processed (prompt tokens + decode steps)
     block_size: int
     block_bytes: int
     weights: dict
     flash: dict | None = None   # FlashTier statistics when a swap tier is configured
     memory: dict | None = None  # bytes held: weights, weight_buffers, kv (as_dict adds rss, rest)
+    tokens_decoded: int = 0     # tokens sampled (one per sequence per step that reached its end)
 
     @classmethod
     def collect(cls, engine) -> EngineStats:
@@ -41,7 +42,8 @@ class EngineStats:
                    block_size=engine.kv.block_size, block_bytes=engine.runner.kv_cache.block_bytes,
                    weights=asdict(weights),
                    flash=engine.tier.statistics() if engine.tier is not None else None,
-                   memory=memory_held(weights, engine.runner.kv_cache.nbytes))
+                   memory=memory_held(weights, engine.runner.kv_cache.nbytes),
+                   tokens_decoded=engine._tokens_decoded)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -67,3 +69,22 @@ def memory_split(held: dict) -> dict:
 
     rss = psutil.Process().memory_info().rss
     return {"rss": rss, **held, "rest": rss - sum(held.values())}
+
+
+def step_trace(engine) -> dict:
+    """The `steps` reply: the weight pool's per-step, per-segment compute and stall times
+    (model/step_trace.py; kept only when weights stream, i.e. --weight-budget below the
+    model), the segment names in step order, and the files whose block I/O `kvmm trace`
+    attributes (the prepared weight file, the swap tier's slot file)."""
+    weights = engine.runner.model.weights
+    trace = getattr(weights, "trace", None)
+    wf = getattr(weights, "wf", None)
+    files = {"weights": str(wf.path) if wf is not None else None,
+             "swap": engine.tier.swap.slot_file if engine.tier is not None else None}
+    if trace is None:
+        return {"available": False, "reason": "weights are all resident (no --weight-budget below the "
+                                              "model size): no per-layer I/O to trace",
+                "steps_total": engine._steps, "segments": [], "steps": [], "files": files}
+    return {"available": True, "reason": None, "steps_total": engine._steps,
+            "segments": [r.name for r in wf.segments],
+            "steps": [r.as_dict() for r in trace.snapshot()], "files": files}

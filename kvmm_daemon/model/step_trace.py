@@ -4,8 +4,10 @@ The weight pool stamps the moment the forward asks for a segment and the moment 
 the gap is the segment's *stall* (waiting for its read); the time from having one segment to
 asking for the next is the *compute* of the one held. A step starts at `begin_step` (the
 embedding lookup) and its last segment's compute ends at the next step's start. The last
-`keep` steps are kept (a ring), for `kvmm stats` and `kvmm trace`, which puts them beside the
-block layer's latency of the same reads.
+`keep` steps are kept (a ring), for `kvmm stats` and `kvmm trace` (the daemon's `steps` op),
+which puts them beside the block layer's latency of the same reads. Readers in other threads
+take `snapshot()`: a tuple copied from the deque in one C call under the GIL, so it never
+sees a record half appended.
 
 Invariants: `_stall[i]`/`_compute[i]` are segment i's figures in the step being recorded;
 `_held` is the index of the segment the forward holds (-1 before the first of a step).
@@ -32,7 +34,7 @@ class StepRecord:
 
 
 class StepTrace:
-    def __init__(self, num_segments: int, keep: int = 64) -> None:
+    def __init__(self, num_segments: int, keep: int = 256) -> None:
         self.n = num_segments
         self.steps: deque[StepRecord] = deque(maxlen=keep)
         self._stall = [0.0] * num_segments
@@ -73,6 +75,10 @@ class StepTrace:
         if t_asked is not None:
             self._stall[index] += now - t_asked
         self._held, self._t_held = index, now
+
+    def snapshot(self) -> tuple[StepRecord, ...]:
+        """The kept steps, oldest first (safe to call from any thread)."""
+        return tuple(self.steps)
 
     def last(self) -> StepRecord | None:
         return self.steps[-1] if self.steps else None

@@ -85,8 +85,24 @@ TRACEPOINT_PROBE(block, block_bio_queue) {
 
 BLOCK = r"""
 struct rq_key { u64 dev; u64 sector; };
-struct rq_val { u64 ts; u64 bytes; u32 op; };
+struct rq_val { u64 ts; u64 bytes; u32 op; u32 file; };
+struct file_ext { u64 dev; u64 start; u64 end; u32 file; u32 pad; };  /* sectors [start, end) */
 BPF_TABLE("lru_hash", struct rq_key, struct rq_val, rq_start, 10240);
+BPF_ARRAY(file_ext, struct file_ext, MAX_FILE_EXTENTS);
+
+/* 1 + the index in programs.FILE_KINDS of the file whose extents hold the sector, or 0;
+   user space fills file_ext in order and ends it with an entry of file 0. */
+static __always_inline u32 file_of(u64 dev, u64 sector) {
+    for (u32 i = 0; i < MAX_FILE_EXTENTS; i++) {
+        u32 k = i;
+        struct file_ext *e = file_ext.lookup(&k);
+        if (!e || e->file == 0)
+            break;
+        if (e->dev == dev && sector >= e->start && sector < e->end)
+            return e->file;
+    }
+    return 0;
+}
 
 TRACEPOINT_PROBE(block, block_rq_issue) {
     u64 sector = args->sector;
@@ -102,6 +118,7 @@ TRACEPOINT_PROBE(block, block_rq_issue) {
     val.ts = bpf_ktime_get_ns();
     val.bytes = (u64)args->nr_sector << 9;
     val.op = (c0 == 'W' || c1 == 'W' || c2 == 'W') ? 1 : (c0 == 'R' || c1 == 'R' || c2 == 'R') ? 0 : 2;
+    val.file = val.bytes ? file_of(key.dev, sector) : 0;
     rq_start.update(&key, &val);
     return 0;
 }
@@ -116,6 +133,7 @@ TRACEPOINT_PROBE(block, block_rq_complete) {
     u64 delta = bpf_ktime_get_ns() - val->ts;
     u32 op = val->op;
     u64 bytes = val->bytes;
+    u32 file = val->file;
     rq_start.delete(&key);
     if (op > 2)
         return 0;
@@ -123,6 +141,12 @@ TRACEPOINT_PROBE(block, block_rq_complete) {
     add_total(T_BLOCK_READ_BYTES + op * 3, bytes);
     add_total(T_BLOCK_READ_NS + op * 3, delta);
     add_hist(H_BLOCK_READ + op, delta / 1000);
+    if (file >= 1 && file <= N_FILE_KINDS) {
+        add_total(T_FILE_WEIGHTS_IOS + (file - 1) * 3, 1);
+        add_total(T_FILE_WEIGHTS_BYTES + (file - 1) * 3, bytes);
+        add_total(T_FILE_WEIGHTS_NS + (file - 1) * 3, delta);
+        add_hist(H_FILE_WEIGHTS + (file - 1), delta / 1000);
+    }
     return 0;
 }
 """
@@ -133,30 +157,48 @@ BIO_OWNER_CHECK = r"""    if (bio_owner.lookup(&sector)) {
     }"""
 
 SYSCALLS = r"""
-BPF_TABLE("lru_hash", u32, u64, sys_start, 10240);
+/* futex: 0 not a futex wait or wake, 1 a wait (WAIT, WAIT_BITSET, WAIT_REQUEUE_PI, LOCK_PI*),
+   2 a wake (WAKE, WAKE_BITSET, WAKE_OP, *REQUEUE*, UNLOCK_PI): the op without
+   FUTEX_PRIVATE_FLAG/FUTEX_CLOCK_REALTIME, classified at entry, counted at exit. */
+struct sys_val { u64 ts; u32 futex; u32 pad; };
+BPF_TABLE("lru_hash", u32, struct sys_val, sys_start, 10240);
 BPF_HASH(sys_stats, u32, struct op_stat, 1024);
 
 TRACEPOINT_PROBE(raw_syscalls, sys_enter) {
     if (!is_target())
         return 0;
     u32 tid = bpf_get_current_pid_tgid();
-    u64 ts = bpf_ktime_get_ns();
-    sys_start.update(&tid, &ts);
+    struct sys_val val = {};
+    val.ts = bpf_ktime_get_ns();
+    if (args->id == FUTEX_NR) {
+        u32 cmd = args->args[1] & 0x7f;
+        val.futex = (cmd == 0 || cmd == 9 || cmd == 11 || cmd == 6 || cmd == 13) ? 1
+                  : (cmd == 1 || cmd == 10 || cmd == 5 || cmd == 3 || cmd == 4 || cmd == 7 || cmd == 12) ? 2 : 0;
+    }
+    sys_start.update(&tid, &val);
     return 0;
 }
 
 TRACEPOINT_PROBE(raw_syscalls, sys_exit) {
     u32 tid = bpf_get_current_pid_tgid();
-    u64 *ts = sys_start.lookup(&tid);
-    if (!ts)
+    struct sys_val *val = sys_start.lookup(&tid);
+    if (!val)
         return 0;
-    u64 delta = bpf_ktime_get_ns() - *ts;
+    u64 delta = bpf_ktime_get_ns() - val->ts;
+    u32 futex = val->futex;
     sys_start.delete(&tid);
     u32 nr = args->id;
     struct op_stat zero = {};
     struct op_stat *s = sys_stats.lookup_or_try_init(&nr, &zero);
     if (s)
         add_op(s, delta, args->ret < 0);
+    if (futex == 1)
+        add_total(T_FUTEX_WAITS, 1);
+    if (futex == 2) {
+        add_total(T_FUTEX_WAKES, 1);
+        if (args->ret > 0)
+            add_total(T_FUTEX_WOKEN, args->ret);
+    }
     return 0;
 }
 """

@@ -99,6 +99,11 @@ def syscall_name(nr: int) -> str:
     return syscall_table().get(nr, f"syscall_{nr}")
 
 
+def syscall_nr(name: str) -> int | None:
+    """The number of syscall `name` on this machine, or None when no table names it."""
+    return next((nr for nr, n in syscall_table().items() if n == name), None)
+
+
 def fuse_opcode_name(op: int) -> str:
     return fuse_opcode_table().get(op, f"op_{op}")
 

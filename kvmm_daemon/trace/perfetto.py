@@ -7,7 +7,12 @@ read): `{"traceEvents": [...], "displayTimeUnit": "ms", "otherData": {...}}` wit
       interval's rate, so each step of the counter track covers its interval; a last sample
       of zeros closes the final step,
   "X" complete events, one slice per interval on an "intervals" thread, whose args carry the
-      interval's headline figures (click a slice in the UI to read them).
+      interval's headline figures (click a slice in the UI to read them), and, from the
+      daemon's step trace, one slice per engine step on a "engine steps" thread with a child
+      slice per segment (layer): "io wait" while the forward waited for its read, then its
+      compute. The daemon stamps a step's segments as durations only, so the children are
+      laid end to end from the step's start (time between segments, e.g. the embedding and
+      the sampler, is at the step's end).
 Timestamps are microseconds since tracing began. Prior art: Chrome's trace_event_format doc;
 Perfetto's json_trace_parser (counters are "C" events with numeric args).
 
@@ -20,6 +25,7 @@ import json
 import os
 
 TRACK_TID = 1
+STEPS_TID = 2
 
 
 def counters(d: dict) -> dict[str, dict[str, float]]:
@@ -54,6 +60,14 @@ def counters(d: dict) -> dict[str, dict[str, float]]:
         c["page faults/s"] = pick("minflt", "majflt")
     if d.get("tokens") is not None:
         c["tokens/s"] = {"tokens": rate(d["tokens"])}
+    if "block" in d and d["block"].get("files"):
+        files = d["block"]["files"]
+        c["file block I/O (MiB/s)"] = {k: rate(f["bytes"] / 2**20) for k, f in files.items()}
+        c["file block latency (mean us)"] = {k: round(f["time_ms"] * 1000 / f["ios"], 1) if f["ios"] else 0
+                                             for k, f in files.items()}
+    st = d.get("steps")
+    if st and st.get("steps"):
+        c["step time (ms/step)"] = {"compute": st["compute_ms"], "io wait": st["stall_ms"]}
     return {name: series for name, series in c.items() if series}
 
 
@@ -69,8 +83,34 @@ def headline(d: dict) -> dict:
     if "offcpu" in d:
         h["io_wait_ms"] = d["offcpu"]["io"]["time_ms"]
     if d.get("per_token"):
-        h["per_token"] = d["per_token"]
+        h["per_token"] = {k: v for k, v in d["per_token"].items() if k != "by_syscall"}
+    if d.get("steps", {}).get("steps"):
+        st = d["steps"]
+        h["steps"] = {k: st[k] for k in ("steps", "missed", "step_ms", "compute_ms", "stall_ms")}
     return h
+
+
+def step_events(d: dict, pid: int) -> list[dict]:
+    """Slices of the interval's traced engine steps: a step, and its segments' io wait and compute."""
+    st = d.get("steps") or {}
+    names = [r["name"] for r in st.get("segments", [])]
+    events = []
+    for rec in st.get("records", []):
+        t = rec["t_s"] * 1e6
+        events.append({"ph": "X", "name": "step", "cat": "kvmm.step", "pid": pid, "tid": STEPS_TID,
+                       "ts": round(t, 1), "dur": round(rec["step_s"] * 1e6, 1),
+                       "args": {"bytes_read": rec["bytes_read"], "io_wait_ms": round(sum(rec["stall_s"]) * 1e3, 3),
+                                "compute_ms": round(sum(rec["compute_s"]) * 1e3, 3)}})
+        for name, wait, comp in zip(names, rec["stall_s"], rec["compute_s"]):
+            if wait > 0:
+                events.append({"ph": "X", "name": f"io wait {name}", "cat": "kvmm.stall", "pid": pid,
+                               "tid": STEPS_TID, "ts": round(t, 1), "dur": round(wait * 1e6, 1)})
+                t += wait * 1e6
+            if comp > 0:
+                events.append({"ph": "X", "name": name, "cat": "kvmm.compute", "pid": pid, "tid": STEPS_TID,
+                               "ts": round(t, 1), "dur": round(comp * 1e6, 1)})
+                t += comp * 1e6
+    return events
 
 
 def build_trace(intervals: list[dict], *, pid: int, label: str, other: dict | None = None) -> dict:
@@ -79,6 +119,9 @@ def build_trace(intervals: list[dict], *, pid: int, label: str, other: dict | No
         {"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": label}},
         {"ph": "M", "name": "thread_name", "pid": pid, "tid": TRACK_TID, "args": {"name": "intervals"}},
     ]
+    if any(d.get("steps", {}).get("records") for d in intervals):
+        events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": STEPS_TID,
+                       "args": {"name": "engine steps (daemon step trace)"}})
     last_end, names = 0.0, set()
     for d in intervals:
         start_us = round((d["t_s"] - d["interval_s"]) * 1e6)
@@ -87,6 +130,7 @@ def build_trace(intervals: list[dict], *, pid: int, label: str, other: dict | No
         last_end = start_us + dur_us
         events.append({"ph": "X", "name": f"interval {d['index']}", "cat": "kvmm", "pid": pid,
                        "tid": TRACK_TID, "ts": start_us, "dur": dur_us, "args": headline(d)})
+        events += step_events(d, pid)
         for name, series in counters(d).items():
             names.add((name, tuple(series)))
             events.append({"ph": "C", "name": name, "pid": pid, "ts": start_us, "args": series})

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from kvmm_daemon.trace.counters import BpfCounters
-from kvmm_daemon.trace.programs import (CHILDREN_TRACEPOINTS, FUSE_ROLES, HISTS, PROBES, TOTALS,
-                                        build_program)
+from kvmm_daemon.trace.file_extents import Extent, file_extents
+from kvmm_daemon.trace.programs import (CHILDREN_TRACEPOINTS, FILE_KINDS, FUSE_ROLES, HISTS,
+                                        MAX_FILE_EXTENTS, PROBES, TOTALS, build_program)
 
 TRACEFS_MOUNTPOINT = "/sys/kernel/tracing"
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
@@ -189,12 +190,14 @@ class BpfSession:
       selection: what was built; `enabled` lists only probes that compiled.
       notes: selection notes plus one per probe dropped at compile time.
       text: the C text loaded.
+      files: kind (of FILE_KINDS) -> path, for each file whose extents are in `file_ext`.
     Invariant: `bpf` is not None until close(); every table read belongs to an enabled probe.
     """
     selection: Selection
     bpf: object
     text: str
     notes: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def open(cls, selection: Selection) -> BpfSession:
@@ -231,6 +234,34 @@ class BpfSession:
         assert self.bpf is not None, "session closed"
         table = self.bpf[b"targets"]
         table[table.Key(pid)] = table.Leaf(1)
+
+    def set_files(self, paths: dict[str, str | None]) -> list[str]:
+        """Attribute block requests to these files (kind of FILE_KINDS -> path; None: no such
+        file) by their extents; returns a note for each file that cannot be attributed."""
+        assert self.bpf is not None, "session closed"
+        if "block" not in self.selection.enabled:
+            return []
+        notes, entries = [], []
+        for kind in FILE_KINDS:
+            path = paths.get(kind)
+            if not path:
+                continue
+            try:
+                extents = file_extents(path)
+            except ValueError as exc:
+                notes.append(f"block: {kind} file not attributed: {exc}")
+                continue
+            room = MAX_FILE_EXTENTS - 1 - len(entries)        # one entry ends the list
+            if len(extents) > room:
+                notes.append(f"block: {kind} file {path} has {len(extents)} extents; only the first {room} "
+                             f"are attributed (defragment it, e.g. e4defrag)")
+                extents = extents[:room]
+            entries += [(FILE_KINDS.index(kind) + 1, e) for e in extents]
+            self.files[kind] = path
+        table = self.bpf[b"file_ext"]
+        for i, (file, e) in enumerate(entries + [(0, Extent(0, 0, 0))]):
+            table[table.Key(i)] = table.Leaf(e.dev, e.start, e.end, file, 0)
+        return notes
 
     def read(self) -> BpfCounters:
         """A snapshot of the cumulative maps."""

@@ -10,8 +10,11 @@ cleared, so nothing is lost between a read and a clear). Only the target's event
 Probes (name: tracepoints; what it aggregates):
   block:    block_rq_issue/complete (+ block_bio_queue to attribute requests a kworker
             issues for the target): issue->complete latency histogram and ios/bytes/ns per
-            direction (read, write, other = flush/discard).
-  syscalls: raw_syscalls sys_enter/exit: count, total ns and errors per syscall nr.
+            direction (read, write, other = flush/discard), and the same per file of
+            FILE_KINDS (the daemon's weight and swap files) for requests whose sector falls
+            in one of the file's extents (`file_ext`, filled from user space by FIEMAP).
+  syscalls: raw_syscalls sys_enter/exit: count, total ns and errors per syscall nr; futex
+            waits, wakes and threads woken (the wakes' return values).
   offcpu:   sched_switch: off-CPU time of the target's threads by the state they left in
             (preempted = runnable, sleep = S, io = D, uninterruptible, mostly I/O waits),
             histogram and totals, accounted when the thread runs again.
@@ -35,13 +38,19 @@ from kvmm_daemon.trace import bpf_text as C
 # Counters of the per-CPU `totals` array, in index order. The C side gets `#define T_<NAME>`.
 BLOCK_OPS = ("read", "write", "other")
 OFFCPU_KINDS = ("preempted", "sleep", "io")
+# Files whose block requests are attributed (by their extents' sectors, file_extents.py).
+FILE_KINDS = ("weights", "swap")
+MAX_FILE_EXTENTS = 256
 TOTALS: tuple[str, ...] = (
     *(f"block_{op}_{f}" for op in BLOCK_OPS for f in ("ios", "bytes", "ns")),
     *(f"offcpu_{k}_{f}" for k in OFFCPU_KINDS for f in ("count", "ns")),
     "faults_user", "faults_write", "io_uring_submitted", "io_uring_completed",
+    "futex_waits", "futex_wakes", "futex_woken",
+    *(f"file_{k}_{f}" for k in FILE_KINDS for f in ("ios", "bytes", "ns")),
 )
 # Kinds of the shared log2 histogram (key {kind, slot}); the C side gets `#define H_<NAME>`.
-HISTS: tuple[str, ...] = (*(f"block_{op}" for op in BLOCK_OPS), *(f"offcpu_{k}" for k in OFFCPU_KINDS))
+HISTS: tuple[str, ...] = (*(f"block_{op}" for op in BLOCK_OPS), *(f"offcpu_{k}" for k in OFFCPU_KINDS),
+                          *(f"file_{k}" for k in FILE_KINDS))
 # Roles of the FUSE table key.
 FUSE_ROLES = ("sent", "served")
 
@@ -49,6 +58,8 @@ FUSE_ROLES = ("sent", "served")
 assert TOTALS.index("block_write_ios") == TOTALS.index("block_read_ios") + 3
 assert TOTALS.index("offcpu_io_ns") == TOTALS.index("offcpu_preempted_count") + 2 * 2 + 1
 assert HISTS.index("block_other") == HISTS.index("block_read") + 2
+assert TOTALS.index("file_swap_ios") == TOTALS.index("file_weights_ios") + 3
+assert HISTS.index("file_swap") == HISTS.index("file_weights") + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +86,12 @@ CHILDREN_TRACEPOINTS = ("sched:sched_process_fork", "sched:sched_process_exit")
 
 
 def _defines() -> str:
+    from kvmm_daemon.trace.names import syscall_nr
     lines = [f"#define T_{name.upper()} {i}" for i, name in enumerate(TOTALS)]
     lines.append(f"#define N_TOTALS {len(TOTALS)}")
     lines += [f"#define H_{name.upper()} {i}" for i, name in enumerate(HISTS)]
+    lines += [f"#define N_FILE_KINDS {len(FILE_KINDS)}", f"#define MAX_FILE_EXTENTS {MAX_FILE_EXTENTS}",
+              f"#define FUTEX_NR {syscall_nr('futex') if syscall_nr('futex') is not None else -1}"]
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 from kvmm_daemon.trace import procfs, report
 from kvmm_daemon.trace.probes import BpfSession
+from kvmm_daemon.trace.steps import StepSource
 from kvmm_daemon.trace.tokens import TokenSource, token_delta
 
 POLL_S = 0.05
@@ -32,7 +33,7 @@ class BpfSource:
         return self.session.read()
 
     def sections(self, prev, cur) -> dict:
-        return report.bpf_sections(cur.minus(prev), self.session.selection.enabled)
+        return report.bpf_sections(cur.minus(prev), self.session.selection.enabled, self.session.files)
 
 
 class ProcSource:
@@ -49,13 +50,15 @@ class ProcSource:
 
 
 def run_intervals(source, *, pids: list[int], interval: float, count: int | None,
-                  done: Callable[[], bool], tokens: TokenSource | None = None, notes: list[str] | None = None,
+                  done: Callable[[], bool], tokens: TokenSource | None = None, steps: StepSource | None = None,
+                  notes: list[str] | None = None,
                   started: Callable[[], None] | None = None,
                   clock: Callable[[], float] = time.monotonic,
                   sleep: Callable[[float], None] = time.sleep) -> Iterator[dict]:
     """Yield interval reports until `count` intervals were reported or `done()` turns true.
 
-    `notes` are attached to the first report (with the token source's error, if any);
+    `notes` are attached to the first report (with the token and step sources' errors, if any);
+    `steps` (the daemon's step trace) adds a `steps` section to every report;
     `started` is called right after the first read (it releases a gated command).
     """
     if interval <= 0:
@@ -68,6 +71,7 @@ def run_intervals(source, *, pids: list[int], interval: float, count: int | None
     if started is not None:
         started()
     notes = list(notes or ())
+    said: set[str] = set()          # source errors already in a report: each is said once
     index = 0
     while count is None or index < count:
         deadline, finished = t_prev + interval, False
@@ -82,12 +86,14 @@ def run_intervals(source, *, pids: list[int], interval: float, count: int | None
             return  # the process vanished before its last read (procfs source only)
         now = clock()
         tok_cur = tokens.read() if tokens else None
-        if tokens and tokens.error and tokens.error not in notes:
-            notes.append(tokens.error)
+        step_sec = steps.read(t0) if steps else None
+        fresh = [src.error for src in (tokens, steps) if src and src.error and src.error not in said]
+        notes += fresh
+        said.update(fresh)
         index += 1
         yield report.build_interval(index=index, t_s=now - t0, interval_s=now - t_prev, source=source.name,
                                     pids=pids, sections=source.sections(prev, cur),
-                                    tokens=token_delta(tok_prev, tok_cur), notes=notes)
+                                    tokens=token_delta(tok_prev, tok_cur), notes=notes, steps=step_sec)
         notes = []
         prev, tok_prev, t_prev = cur, tok_cur, now
         if finished or done():

@@ -198,3 +198,77 @@ def test_a_probe_that_does_not_compile_is_dropped(monkeypatch):
         assert delta.syscalls[110][0] >= 1   # getppid, x86_64 nr 110 (this test runs where BPF does)
     finally:
         session.close()
+
+
+def _session(probes):
+    from kvmm_daemon.trace.probes import BpfSession, select_probes, tracepoint_exists
+    env = detect_environment()
+    return BpfSession.open(select_probes(probes, lambda tp: tracepoint_exists(env.tracefs, tp)))
+
+
+def test_futex_waits_and_wakes_counted_exactly():
+    require_bpf()
+    import ctypes
+    from kvmm_daemon.trace.names import syscall_nr
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    word = ctypes.c_int(0)
+    futex = lambda op, val: libc.syscall(syscall_nr("futex"), ctypes.byref(word), op, val, None, None, 0)
+    session = _session(["syscalls"])
+    try:
+        session.add_target(os.getpid())
+        before = session.read()
+        for _ in range(300):
+            assert futex(1 | 128, 1) == 0          # FUTEX_WAKE_PRIVATE: nobody waits, 0 woken
+        for _ in range(200):
+            assert futex(0 | 128, 1) == -1         # FUTEX_WAIT_PRIVATE on 0 != 1: EAGAIN at once
+        d = session.read().minus(before)
+    finally:
+        session.close()
+    # this process's other threads (if any) may add a few of their own
+    assert 300 <= d.total("futex_wakes") <= 320 and d.total("futex_woken") <= 20
+    assert 200 <= d.total("futex_waits") <= 220
+
+
+def test_block_requests_attributed_to_files():
+    require_bpf()
+    import mmap
+    import tempfile
+    from kvmm_daemon.trace.file_extents import file_extents
+
+    d = tempfile.mkdtemp(prefix="kvmm-trace-files-", dir="/var/tmp")   # a disk file system (not tmpfs)
+    paths = [os.path.join(d, n) for n in ("weights", "swap", "other")]
+    try:
+        for p in paths:
+            with open(p, "wb") as f:
+                f.write(os.urandom(4 << 20))
+                os.fsync(f.fileno())
+        try:
+            file_extents(paths[0])
+        except ValueError as exc:
+            pytest.skip(f"cannot map files to sectors here: {exc}")
+        session = _session(["block"])
+        try:
+            assert session.set_files({"weights": paths[0], "swap": paths[1]}) == []
+            assert session.files == {"weights": paths[0], "swap": paths[1]}
+            session.add_target(os.getpid())
+            before = session.read()
+            buf = mmap.mmap(-1, 4096)
+            for p, n in zip(paths, (200, 100, 150)):
+                fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+                try:
+                    for i in range(n):
+                        os.preadv(fd, [buf], (i * 7 % 1024) * 4096)
+                finally:
+                    os.close(fd)
+            delta = session.read().minus(before)
+        finally:
+            session.close()
+    finally:
+        for p in paths:
+            os.unlink(p)
+        os.rmdir(d)
+    assert 180 <= delta.total("file_weights_ios") <= 200 and 90 <= delta.total("file_swap_ios") <= 100
+    assert delta.total("file_weights_bytes") == 4096 * delta.total("file_weights_ios")
+    assert delta.total("block_read_ios") >= 0.9 * 450     # the third file's reads: block only
+    assert sum(delta.hist("file_weights").values()) == delta.total("file_weights_ios")

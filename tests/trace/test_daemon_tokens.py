@@ -6,11 +6,10 @@ daemon's tokens per interval must show up and divide the figures.
 import json
 import subprocess
 import sys
-import threading
 
 import pytest
 
-from kvmm_daemon.client import Client
+from tests.trace.daemon_load import generating
 from tests.daemon.conftest import DaemonProcess, _load_tiny_llama
 
 
@@ -24,22 +23,10 @@ def tiny_daemon(tmp_path_factory):
 
 
 def test_tokens_per_interval(tiny_daemon):
-    stop = threading.Event()
-
-    def load():
-        with Client(tiny_daemon.socket, timeout=30) as c:
-            while not stop.is_set():
-                c.generate(token_ids=[1, 2, 3, 4], max_tokens=16, ignore_eos=True)
-
-    worker = threading.Thread(target=load)
-    worker.start()
-    try:
+    with generating(tiny_daemon.socket, max_tokens=16, timeout=30):
         proc = subprocess.run([sys.executable, "-m", "kvmm_daemon.cli", "trace", "--json", "-p",
                                str(tiny_daemon.proc.pid), "-i", "0.5", "-c", "3"],  # socket: from its cmdline
                               capture_output=True, text=True, timeout=60)
-    finally:
-        stop.set()
-        worker.join(30)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(rows) == 3

@@ -42,6 +42,30 @@ def test_trace_event_shape():
     assert by_name["block I/O (MiB/s)"][0]["args"]["read"] == round(409600 / 2**20 / 0.5, 3)
 
 
+def test_engine_steps_and_files():
+    from tests.trace.test_report import FILES
+    from tests.trace.test_steps import REPLY
+    from kvmm_daemon.trace import steps
+
+    d = report.build_interval(index=1, t_s=1.0, interval_s=1.0, source="bpf", pids=[42], tokens=3,
+                              sections=report.bpf_sections(DELTA, tuple(PROBES), FILES),
+                              steps=steps.section(REPLY, REPLY["steps"], ran=3, t0=100.0))
+    trace = perfetto.build_trace([d], pid=42, label="kvmm serve")
+    events = trace["traceEvents"]
+    assert {"name": "engine steps (daemon step trace)"} in [e["args"] for e in events if e["ph"] == "M"]
+    on_steps = [e for e in events if e["ph"] == "X" and e["tid"] == perfetto.STEPS_TID]
+    first = on_steps[:5]
+    assert [(e["name"], e["ts"], e["dur"]) for e in first] == [
+        ("step", 0.0, 10000.0), ("io wait layer.0", 0.0, 1000.0), ("layer.0", 1000.0, 2000.0),
+        ("io wait layer.1", 3000.0, 3000.0), ("layer.1", 6000.0, 4000.0)]
+    assert len(on_steps) == 15 and on_steps[5]["ts"] == 1e6
+    c = perfetto.counters(d)
+    assert c["step time (ms/step)"] == {"compute": 6.0, "io wait": 4.0}
+    assert c["file block latency (mean us)"] == {"weights": 20.0, "swap": 0}
+    interval = next(e for e in events if e["ph"] == "X" and e["tid"] == perfetto.TRACK_TID)
+    assert interval["args"]["steps"]["stall_ms"] == 4.0
+
+
 def test_procfs_counters():
     d = report.build_interval(index=1, t_s=2, interval_s=2, source="procfs", pids=[1], tokens=None,
                               sections={"process": {"read_bytes": 4 << 20, "syscr": 10, "minflt": 4,
