@@ -23,7 +23,7 @@ FLAGS = {
                       "needs http_api_keys in the config (off by default)"),
     "--grace-period": ("grace_period_s", float, "seconds in-flight requests get on SIGTERM"),
     "--admit-wait-ms": ("admit_wait_ms", float, "how long a step may wait for the next requests "
-                        "of clients whose requests just finished (default 2; 0 = never)"),
+                        "of clients whose requests just finished (default 6; 0 = never)"),
     "--log-level": ("log_level", str, "debug, info, warning or error"),
 }
 

@@ -65,7 +65,7 @@ class DaemonConfig:
     socket_mode: int = 0o660
     log_level: str = "info"
     grace_period_s: float = 30.0
-    admit_wait_ms: float = 2.0
+    admit_wait_ms: float = 6.0
     max_frame_bytes: int = 1 << 20
     max_clients: int = 256
     max_requests_per_uid: int = 32
