@@ -44,7 +44,8 @@ class BlockBuffer:
         if isinstance(payload, BlockBuffer):
             return payload
         parts = payload if isinstance(payload, (list, tuple)) else (payload,)
-        views = [as_byte_view(p, writable=writable) for p in parts]
+        views = [p if _is_byte_view(p, writable) else as_byte_view(p, writable=writable)
+                 for p in parts]
         if not views or not all(len(v) for v in views):
             raise ValueError("KV block buffer has an empty piece (or none at all)")
         return cls(views)
@@ -69,3 +70,10 @@ class BlockBuffer:
 
     def tobytes(self) -> bytes:
         return b"".join(self.pieces)
+
+
+def _is_byte_view(obj: Any, writable: bool) -> bool:
+    """obj is already a flat uint8 memoryview fit for the transfer (the arena's pieces are):
+    the fast path, ~0.1 us instead of as_byte_view's ~1 us per piece."""
+    return (type(obj) is memoryview and obj.format == "B" and obj.ndim == 1
+            and obj.c_contiguous and not (writable and obj.readonly))
