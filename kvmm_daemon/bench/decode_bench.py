@@ -7,7 +7,8 @@
   kernel, the torch path) on one layer of the engine's own arena with blocks scattered as a
   churned BlockPool hands them out, against the same path on the same data in order in a
   compact huge-page buffer; SDPA on unpaged tensors as a third column. Grid: batch 1/8/32 x
-  context 256/1024/2048 x 1 and 2 threads (--attention-*), best call of interleaved rounds;
+  context 256/1024/2048 x 1 and 2 threads (--attention-*), 8 layers taken in turn as a
+  step does (--attention-layers 1: one layer, cache-hot), best call of interleaved rounds;
   overhead = paged / contiguous (goal <= 1.10 in every cell). `--attention-only` runs just
   the grid;
 * with --vs-llama-cpp: llama.cpp (llama-cpp-python, optional) on the same GGUF in the same
@@ -67,7 +68,8 @@ def attention_grid(spec, args: argparse.Namespace) -> dict:
                    head_dim=spec.head_dim, num_layers=spec.num_layers)
     return paging_overhead(geo, batches=_ints(args.attention_batches),
                            contexts=_ints(args.attention_contexts),
-                           threads=_ints(args.attention_threads), rounds=args.attention_rounds)
+                           threads=_ints(args.attention_threads), rounds=args.attention_rounds,
+                           layers=args.attention_layers)
 
 
 def _ints(text: str) -> list[int]:
@@ -113,6 +115,9 @@ def register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-threads", default="1,2", help="thread counts of the grid")
     p.add_argument("--attention-rounds", type=int, default=4,
                    help="interleaved rounds of 10 calls per variant; the best call counts")
+    p.add_argument("--attention-layers", type=int, default=8,
+                   help="layers taken in turn, call after call, as a decode step does (1: the"
+                        " same layer every call, cache-hot)")
 
 
 def run_decode_bench(args: argparse.Namespace) -> dict:

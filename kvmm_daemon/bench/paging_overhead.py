@@ -14,7 +14,11 @@ the same K/V data in two places:
 
 Paths: `native` (the C++ kernel, when built) and `torch` (torch_paged's gather + SDPA), each
 called through its backend module as the dispatcher does after its checks (which cost the
-same on both layouts). The third column is torch's SDPA on unpaged [batch, context,
+same on both layouts). Successive calls of a variant take `layers` layers in turn (each
+with its own compact copy), as a decode step does: with layers=1 the same layer is read
+call after call and small cells run from the core's L2, where the compact copy's perfectly
+even spread over cache sets flatters it; with layers=8 (the default) every cell's working
+set exceeds L2, as the engine's 30 layers per step do. The third column is torch's SDPA on unpaged [batch, context,
 kv_heads, head_dim] tensors, the generic baseline. Each variant's figure is its best call
 over `rounds` rounds of `reps` calls; the rounds interleave the variants, so drift of the
 machine hits all alike. overhead = paged / contiguous of the same path; the goal is <= 1.10
@@ -101,14 +105,18 @@ class CompactCopy:
         self._buffer.close()
 
 
-def _best_of(fns: dict[str, Callable[[], object]], rounds: int, reps: int) -> dict[str, float]:
-    """Each fn's fastest call (seconds) over `rounds` interleaved rounds of `reps` calls."""
+def _best_of(fns: dict[str, list[Callable[[], object]]], rounds: int,
+             reps: int) -> dict[str, float]:
+    """Each variant's fastest call (seconds) over `rounds` interleaved rounds of `reps`
+    calls; a variant's calls take its callables (one per layer) in turn."""
     best = {name: float("inf") for name in fns}
-    for fn in fns.values():
-        fn()                                                   # warm-up
+    for calls in fns.values():
+        for fn in calls:
+            fn()                                               # warm-up
     for _ in range(rounds):
-        for name, fn in fns.items():
-            for _ in range(reps):
+        for name, calls in fns.items():
+            for i in range(reps):
+                fn = calls[i % len(calls)]
                 t0 = time.perf_counter()
                 fn()
                 best[name] = min(best[name], time.perf_counter() - t0)
@@ -125,35 +133,42 @@ def _paths() -> dict[str, object]:
     return paths
 
 
-def measure_cell(kv: KVCache, layer: int, geo: Geometry, batch: int, context: int, *,
-                 rounds: int, reps: int, seed: int) -> dict:
+def measure_cell(kv: KVCache, layers: Sequence[int], geo: Geometry, batch: int,
+                 context: int, *, rounds: int, reps: int, seed: int) -> dict:
     """One cell: per path the paged and contiguous call time, and SDPA's."""
     from kernels.torch_paged import contiguous_decode_sdpa
 
     blocks_per_seq = -(-context // geo.block_size)
     tables = scattered_tables(kv.num_blocks, batch, blocks_per_seq, seed)
-    k_cache, v_cache = kv.layer(layer)
-    copy = CompactCopy(k_cache, v_cache, tables)
+    caches = [kv.layer(layer) for layer in layers]
+    copies: list[CompactCopy] = []
     try:
+        for k_cache, v_cache in caches:
+            copies.append(CompactCopy(k_cache, v_cache, tables))
         g = torch.Generator().manual_seed(seed)
         q = torch.randn(batch, geo.num_heads, geo.head_dim, generator=g).to(geo.dtype)
         seq_lens = torch.full((batch,), context, dtype=torch.int32)
         scale = geo.head_dim ** -0.5
-        k, v = copy.unpaged(batch, context)
-        fns: dict[str, Callable[[], object]] = {}
+        unpaged = [copy.unpaged(batch, context) for copy in copies]
+        fns: dict[str, list[Callable[[], object]]] = {}
         for name, mod in _paths().items():
-            fns[f"{name}_paged"] = (lambda m=mod: m.paged_attention_decode(
-                q, k_cache, v_cache, tables, seq_lens, scale))
-            fns[f"{name}_contiguous"] = (lambda m=mod: m.paged_attention_decode(
-                q, copy.k_cache, copy.v_cache, copy.tables, seq_lens, scale))
-            paged, contiguous = fns[f"{name}_paged"](), fns[f"{name}_contiguous"]()
-            if not torch.equal(paged, contiguous):
-                raise AssertionError(f"{name}: paged and contiguous outputs differ; the copy "
-                                     f"or the block table is wrong")
-        fns["sdpa"] = lambda: contiguous_decode_sdpa(q, k, v, seq_lens, scale)
+            fns[f"{name}_paged"] = [
+                (lambda m=mod, k=k, v=v: m.paged_attention_decode(q, k, v, tables, seq_lens,
+                                                                  scale)) for k, v in caches]
+            fns[f"{name}_contiguous"] = [
+                (lambda m=mod, c=c: m.paged_attention_decode(q, c.k_cache, c.v_cache, c.tables,
+                                                             seq_lens, scale)) for c in copies]
+            for paged, contiguous in zip(fns[f"{name}_paged"], fns[f"{name}_contiguous"]):
+                if not torch.equal(paged(), contiguous()):
+                    raise AssertionError(f"{name}: paged and contiguous outputs differ; the "
+                                         f"copy or the block table is wrong")
+        fns["sdpa"] = [(lambda k=k, v=v: contiguous_decode_sdpa(q, k, v, seq_lens, scale))
+                       for k, v in unpaged]
         best = _best_of(fns, rounds, reps)
     finally:
-        copy.close()
+        del fns, unpaged
+        for copy in copies:
+            copy.close()
     row: dict = {"batch": batch, "context": context, "threads": torch.get_num_threads()}
     for name in _paths():
         paged, contiguous = best[f"{name}_paged"], best[f"{name}_contiguous"]
@@ -167,20 +182,23 @@ def measure_cell(kv: KVCache, layer: int, geo: Geometry, batch: int, context: in
 def paging_overhead(geo: Geometry, *, batches: Sequence[int] = (1, 8, 32),
                     contexts: Sequence[int] = (256, 1024, 2048),
                     threads: Sequence[int] = (1, 2), rounds: int = 4, reps: int = 10,
-                    seed: int = 0) -> dict:
+                    layers: int = 8, seed: int = 0) -> dict:
     """The grid: one row per (threads, batch, context), and the worst overhead per path.
 
     The arena is one KVCache with room for the largest cell plus one block per sequence
-    (a churned pool never hands out every block to one cell); the layer measured is the
-    middle one. Restores torch's thread count when done."""
+    (a churned pool never hands out every block to one cell); `layers` of its layers,
+    spread over the model, are taken in turn. Restores torch's thread count when done."""
     blocks_per_seq = -(-max(contexts) // geo.block_size)
     num_blocks = max(batches) * (blocks_per_seq + 1)
     kv = KVCache(num_blocks, num_layers=geo.num_layers, block_size=geo.block_size,
                  num_kv_heads=geo.num_kv_heads, head_dim=geo.head_dim, dtype=geo.dtype)
-    layer = geo.num_layers // 2
+    if not 1 <= layers <= geo.num_layers:
+        raise ValueError(f"layers={layers}: take 1 to the model's {geo.num_layers} layers")
+    picked = sorted({i * geo.num_layers // layers for i in range(layers)})
     g = torch.Generator().manual_seed(seed)
-    for cache in kv.layer(layer):
-        cache.copy_(torch.randn(cache.shape, generator=g).to(geo.dtype))
+    for layer in picked:
+        for cache in kv.layer(layer):
+            cache.copy_(torch.randn(cache.shape, generator=g).to(geo.dtype))
     before = torch.get_num_threads()
     rows = []
     try:
@@ -188,22 +206,17 @@ def paging_overhead(geo: Geometry, *, batches: Sequence[int] = (1, 8, 32),
             torch.set_num_threads(t)
             for batch in batches:
                 for context in contexts:
-                    rows.append(measure_cell(kv, layer, geo, batch, context, rounds=rounds,
+                    rows.append(measure_cell(kv, picked, geo, batch, context, rounds=rounds,
                                              reps=reps, seed=seed + batch * 7919 + context))
     finally:
         torch.set_num_threads(before)
     paths = [name for name in ("native", "torch") if name in rows[0]]
     worst = {name: max(r[name]["overhead"] for r in rows) for name in paths}
     return {"rows": rows, "worst_overhead": worst, "goal": GOAL,
-            "arena": {"num_blocks": kv.num_blocks, "layer": layer,
-                      "block_stride_bytes": kv.layer(layer)[0].stride(0) * kv.dtype.itemsize,
-                      "huge_page_fraction": _huge_fraction(kv)},
+            "arena": {"num_blocks": kv.num_blocks, "layers_in_turn": picked,
+                      "block_stride_bytes": kv.layer(0)[0].stride(0) * kv.dtype.itemsize,
+                      "huge_page_fraction": kv.huge_page_fraction()},
             "rounds": rounds, "reps": reps}
-
-
-def _huge_fraction(kv: KVCache) -> float | None:
-    buf = kv._buffer
-    return None if buf is None else round(buf.huge_page_bytes() / buf.nbytes, 3)
 
 
 def print_table(result: dict) -> None:
@@ -219,6 +232,8 @@ def print_table(result: dict) -> None:
             line += f"{c['paged_us']:>18.1f}{c['contiguous_us']:>11.1f}{c['overhead']:>7.3f}"
         print(line + f"{r['sdpa_us']:>10.1f}")
     worst = ", ".join(f"{name} {v:.3f}" for name, v in result["worst_overhead"].items())
+    arena = result["arena"]
+    huge = arena["huge_page_fraction"]
     print(f"worst paged / contiguous: {worst} (goal <= {result['goal']:.2f}); arena block "
-          f"stride {result['arena']['block_stride_bytes']} B, huge pages "
-          f"{result['arena']['huge_page_fraction']}")
+          f"stride {arena['block_stride_bytes']} B, huge pages "
+          f"{'-' if huge is None else f'{huge:.0%}'}, layers in turn {len(arena['layers_in_turn'])}")

@@ -34,7 +34,8 @@ def test_compact_copy_holds_the_same_blocks_in_order():
 
 def test_grid_rows_and_ratios():
     geo = Geometry(num_heads=4, num_kv_heads=2, head_dim=16, num_layers=3, block_size=4)
-    res = paging_overhead(geo, batches=(1, 3), contexts=(9, 20), threads=(1,), rounds=1, reps=1)
+    res = paging_overhead(geo, batches=(1, 3), contexts=(9, 20), threads=(1,), rounds=1, reps=2,
+                          layers=2)
     assert [(r["batch"], r["context"]) for r in res["rows"]] == [(1, 9), (1, 20), (3, 9), (3, 20)]
     assert "torch" in res["worst_overhead"]
     for r in res["rows"]:
@@ -44,4 +45,4 @@ def test_grid_rows_and_ratios():
             assert c["paged_us"] > 0 and c["contiguous_us"] > 0
             # the ratio of the unrounded times; the us figures are rounded to 0.1
             assert abs(c["overhead"] * c["contiguous_us"] - c["paged_us"]) <= 0.1 * (1 + c["overhead"])
-    assert res["arena"]["num_blocks"] == 3 * (5 + 1)
+    assert res["arena"]["num_blocks"] == 3 * (5 + 1) and res["arena"]["layers_in_turn"] == [0, 1]
