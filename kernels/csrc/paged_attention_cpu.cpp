@@ -8,9 +8,9 @@
 // running max/sum/accumulator, and the V rows are accumulated. Paged rows do not follow each other in memory, so the hardware prefetchers
 // lose the stream at every block edge; the kernel prefetches instead, from the row offsets:
 // K rows kPrefetch tokens ahead into L1 and each chunk's V rows into L2 during the score
-// pass, V rows kPrefetch ahead into L1 during the accumulation (on this machine it takes
-// paged / contiguous of the same kernel from up to 1.16 to <= 1.06 at 1 thread; `kvmm bench
-// decode`). Splits exist only for parallelism (batch 1-2 has fewer (sequence, KV head)
+// pass, V rows kPrefetch ahead into L1 during the accumulation (`kvmm bench decode
+// --attention-only` measures paged against the same data in order). Splits exist only for
+// parallelism (batch 1-2 has fewer (sequence, KV head)
 // units than threads can share evenly); the partial results of a unit's splits are merged by
 // their log-sum-exp afterwards, as in vLLM's paged_attention_v2 / flash-decoding.
 //
