@@ -17,7 +17,7 @@ Requests go through an iosched.IOScheduler (passed in, or one of `io_threads` in
 backend, default "auto"): a batch cuts its items into runs of
 consecutive slots of up to the scheduler's request size and submits each run as ONE vectored
 request ([header, payload pieces..., header, payload pieces...]), so a run costs one wait
-(the scheduler cuts a syscall at 256 buffers). A payload is a `BlockBuffer`: one range or several (the
+(and one syscall per 256 buffers). A payload is a `BlockBuffer`: one range or several (the
 engine's layer-major arena gives one piece per layer) whose concatenation is the slot's
 payload; a plain buffer is one piece.
 Writes hash a run, submit it, and hash the next while the device works (`submit_write` returns
@@ -25,7 +25,8 @@ with them in flight; `finish_write` waits); reads submit every run in one
 `IOScheduler.batch()` and verify each as it arrives. Reads go at Priority.KV_SWAP_IN and
 writes at KV_WRITE_BACK unless the caller says otherwise. Payloads whose pieces are all 4 KiB
 aligned in address and length (and fill the slot's padded payload area) go to the kernel as
-they are (zero copy); others are gathered into / scattered from huge-page bounce scratch. Slot headers and bounce areas are lent per batch by a ScratchPool.
+they are (zero copy); others are gathered into / scattered from huge-page bounce scratch.
+Slot headers and bounce areas are lent per batch by a ScratchPool.
 Durability is the caller's: `sync()` is fdatasync, to be called before committing metadata.
 
 Prior art: Linux swap's slot map, vLLM's CPU swap space, s3ql's block cache. Left out:
@@ -263,9 +264,9 @@ class SlotStore:
         try:
             for a, b in self._runs(items, first_alone=True):
                 for k in range(a, b):
-                    (slot_id, gen, payload), (area, bounced) = items[k], areas[k]
+                    (slot_id, gen, payload), (_area, bounced) = items[k], areas[k]
                     if bounced:
-                        padded = iov[heads[k] + 1]
+                        padded = iov[heads[k] + 1]          # the bounce area, padded
                         payload.gather_into(padded)
                         padded[payload.nbytes:] = bytes(len(padded) - payload.nbytes)
                     crc = self._checksum(payload.pieces)
