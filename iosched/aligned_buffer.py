@@ -198,14 +198,18 @@ def _torch_uint8() -> Any:
 
 def address_of(view: memoryview) -> int:
     """Virtual address of view[0] (works for read-only views too). On the I/O path: a
-    writable view goes through ctypes (~0.3 us), a read-only one through numpy (~2 us)."""
-    if len(view) == 0:
-        return 0
-    if not view.readonly:
-        return _address_of_writable(view)
-    return np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
+    writable view goes through ctypes (~0.25 us), a read-only one through numpy (~2 us)."""
+    if view.readonly or not len(view):
+        return np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0] \
+            if len(view) else 0
+    # the temporary ctypes object holds a buffer export only until addressof returns
+    return _addressof(_c_char_from_buffer(view))
 
 
 def is_direct_io_capable(view: memoryview) -> bool:
     """True when `view` can be handed to an O_DIRECT read or write as it is."""
     return len(view) % ALIGN == 0 and address_of(view) % ALIGN == 0
+
+
+_addressof = ctypes.addressof
+_c_char_from_buffer = ctypes.c_char.from_buffer

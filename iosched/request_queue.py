@@ -3,7 +3,7 @@ with the index that finds a piece's file neighbours for merging.
 
 `pop_transfer` takes the first piece in order and grows it into a Transfer with the queued
 pieces that continue it in the same file with the same op, forwards then backwards, up to
-`max_bytes` and `max_iov` buffers. Neighbours ride along whatever their priority: they cost
+`max_bytes` and `max_iov` buffers (a piece may hold several). Neighbours ride along whatever their priority: they cost
 no extra syscall. Promotion pushes a new heap entry and leaves the old one to be skipped
 (lazy deletion), so it is O(log n).
 
@@ -83,24 +83,27 @@ class RequestQueue:
         r = head.request
         pieces = [head]
         total = head.length
+        iov = len(head.views)
         end = head.end
-        while len(pieces) < max_iov:           # forward: pieces that start where we end
+        while True:                            # forward: pieces that start where we end
             nxt = self._by_start.get((r.fd, r.op, end))
-            if nxt is None or total + nxt.length > max_bytes:
+            if nxt is None or total + nxt.length > max_bytes or iov + len(nxt.views) > max_iov:
                 break
             self._remove(nxt)
             pieces.append(nxt)
             total += nxt.length
+            iov += len(nxt.views)
             end = nxt.end
         front = []
         start = head.offset
-        while len(pieces) + len(front) < max_iov:   # backward: pieces that end where we start
+        while True:                            # backward: pieces that end where we start
             prv = self._by_end.get((r.fd, r.op, start))
-            if prv is None or total + prv.length > max_bytes:
+            if prv is None or total + prv.length > max_bytes or iov + len(prv.views) > max_iov:
                 break
             self._remove(prv)
             front.append(prv)
             total += prv.length
+            iov += len(prv.views)
             start = prv.offset
         front.reverse()
         return Transfer(front + pieces)

@@ -128,23 +128,21 @@ class IOScheduler:
         if not buffers:
             raise ValueError(f"{op} at offset {offset} names no buffer")
         views = [_flat_view(b, op, offset) for b in buffers]
-        _check_direct_alignment(fd, offset, views)
+        addrs = [address_of(v) for v in views]
+        _check_direct_alignment(fd, offset, views, addrs)
         req = IORequest(op, fd, offset, views, priority, deadline, time.monotonic())
         step = self.profile.request_bytes
         with self._lock:
             if self._closing:
                 raise IOSchedError(f"I/O scheduler {self.name!r} is closed; submit before close()")
             pieces = []
-            pos = offset
-            for view in views:
-                for start in range(0, len(view), step):
-                    piece = Piece(req, pos, view[start:start + step], self._seq)
-                    pieces.append(piece)
-                    pos += piece.length
-                    self._seq += 1
+            for part, part_addrs in _pack(views, addrs, step, _MAX_IOV):
+                pieces.append(Piece(req, offset, part, part_addrs, self._seq))
+                offset += pieces[-1].length
+                self._seq += 1
             req._pieces = list(pieces)
             req._pieces_left = len(pieces)
-            self._splits += sum(-(-len(v) // step) - 1 for v in views)
+            self._splits += len(pieces) - 1
             self._bytes_by_prio[req.priority.name] += req.length
             self._reqs_by_prio[req.priority.name] += 1
             self._outstanding += len(pieces)
@@ -323,11 +321,15 @@ class IOScheduler:
 
 
 def _flat_view(buffer: Any, op: str, offset: int) -> memoryview:
-    view = memoryview(buffer)
-    if view.ndim != 1 or view.format not in ("B", "b", "c"):
-        view = view.cast("B")
-    if not view.c_contiguous:
-        raise ValueError("I/O buffer must be C-contiguous")
+    if type(buffer) is memoryview and buffer.format == "B" and buffer.ndim == 1 and \
+            buffer.c_contiguous:
+        view = buffer                  # the common case: a byte view, taken as it is
+    else:
+        view = memoryview(buffer)
+        if view.ndim != 1 or view.format not in ("B", "b", "c"):
+            view = view.cast("B")
+        if not view.c_contiguous:
+            raise ValueError("I/O buffer must be C-contiguous")
     if op == "read" and view.readonly:
         raise ValueError("read into a read-only buffer; pass a writable one (bytearray,"
                          " AlignedBuffer.view, a numpy array)")
@@ -336,20 +338,50 @@ def _flat_view(buffer: Any, op: str, offset: int) -> memoryview:
     return view
 
 
-def _check_direct_alignment(fd: int, offset: int, views: Sequence[memoryview]) -> None:
+def _pack(views: Sequence[memoryview], addrs: Sequence[int], step: int,
+          max_iov: int) -> list[tuple[tuple[memoryview, ...], tuple[int, ...]]]:
+    """The views (at addresses addrs) cut into consecutive parts of at most `step` bytes and
+    `max_iov` buffers each, with their addresses: a buffer is cut only where a part reaches
+    `step` bytes."""
+    lengths = [len(v) for v in views]
+    if sum(lengths) <= step and len(views) <= max_iov:      # the common case: one part
+        return [(tuple(views), tuple(addrs))]
+    parts = []
+    group: list[memoryview] = []
+    at: list[int] = []
+    size = 0
+    for view, addr, length in zip(views, addrs, lengths):
+        start = 0
+        while start < length:
+            take = min(length - start, step - size)
+            group.append(view if take == length else view[start:start + take])
+            at.append(addr + start)
+            size += take
+            start += take
+            if size == step or len(group) == max_iov:
+                parts.append((tuple(group), tuple(at)))
+                group, at, size = [], [], 0
+    if group:
+        parts.append((tuple(group), tuple(at)))
+    return parts
+
+
+def _check_direct_alignment(fd: int, offset: int, views: Sequence[memoryview],
+                            addrs: Sequence[int]) -> None:
     try:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError:
         return   # a bad fd fails in the backend, as the request's error
     if not flags & getattr(os, "O_DIRECT", 0):
         return
+    if not offset % ALIGN and not any(len(v) % ALIGN or a % ALIGN for v, a in zip(views, addrs)):
+        return
     checks = [("file offset", offset)]
-    for view in views:
-        checks += [("length", len(view)), ("buffer address", address_of(view))]
-    for what, value in checks:
-        if value % ALIGN:
-            raise ValueError(f"O_DIRECT fd {fd}: {what} {value:#x} is not a multiple of"
-                             f" {ALIGN}; use iosched.AlignedBuffer and {ALIGN}-aligned ranges")
+    for view, addr in zip(views, addrs):
+        checks += [("length", len(view)), ("buffer address", addr)]
+    what, value = next((w, x) for w, x in checks if x % ALIGN)
+    raise ValueError(f"O_DIRECT fd {fd}: {what} {value:#x} is not a multiple of {ALIGN}; use"
+                     f" iosched.AlignedBuffer and {ALIGN}-aligned ranges")
 
 
 def _path_of(fd: int) -> str:

@@ -1,6 +1,9 @@
 """Piece and Transfer: the scheduler's units below a request.
 
-A Piece is a request's slice of at most `request_bytes`; a Transfer is one vectored syscall
+A Piece is a request's slice of at most `request_bytes`: one or more of the request's buffers
+(or slices of them) that follow each other in the file, so a vectored request of many small
+buffers (swapfs: a slot header and one KV piece per layer) costs the queue one piece, not one
+per buffer. A Transfer is one vectored syscall
 (preadv/pwritev, or one io_uring READV/WRITEV) over one or more pieces that are contiguous in
 the same file, in file order. A transfer that comes back short advances over the bytes that
 did arrive (completing the pieces they cover) and is resubmitted for the rest.
@@ -14,20 +17,23 @@ from iosched.request import IORequest
 
 class Piece:
     """Attributes:
-      request: the IORequest this is part of; offset: file offset; view: its slice of the
-        request's buffer (len(view) = length).
+      request: the IORequest this is part of; offset: file offset; views: the buffers (or
+        slices of them) it covers, in file order, none empty; length = their total;
+        addrs[i]: the virtual address of views[i][0] (taken once at submit).
       seq: FIFO order of submission (unique per scheduler).
       key: (priority, deadline or inf, seq), the queue order; changes only on promotion.
       queued: the piece is in the RequestQueue (not yet part of a transfer).
     """
 
-    __slots__ = ("request", "offset", "view", "length", "seq", "key", "queued")
+    __slots__ = ("request", "offset", "views", "addrs", "length", "seq", "key", "queued")
 
-    def __init__(self, request: IORequest, offset: int, view: memoryview, seq: int) -> None:
+    def __init__(self, request: IORequest, offset: int, views: tuple[memoryview, ...],
+                 addrs: tuple[int, ...], seq: int) -> None:
         self.request = request
         self.offset = offset
-        self.view = view
-        self.length = len(view)
+        self.views = views
+        self.addrs = addrs
+        self.length = sum(len(v) for v in views)
         self.seq = seq
         self.key = (int(request.priority), _deadline_key(request.deadline), seq)
         self.queued = False
@@ -80,12 +86,34 @@ class Transfer:
 
     def iov(self) -> list[memoryview]:
         """The buffers of the bytes still to transfer, in file order."""
-        out = []
-        pos = self.offset
+        out: list[memoryview] = []
+        if self._next == len(self.pieces):
+            return out
+        skip = self.position - self.pieces[self._next].offset   # within the first piece
         for p in self.pieces[self._next:]:
-            skip = max(0, self.position - pos)
-            out.append(p.view[skip:] if skip else p.view)
-            pos += p.length
+            for v in p.views:
+                if skip >= len(v):
+                    skip -= len(v)
+                    continue
+                out.append(v[skip:] if skip else v)
+                skip = 0
+        return out
+
+    def spans(self) -> list[tuple[int, int]]:
+        """(address, length) of the bytes still to transfer, in file order: iov() as an
+        iovec array wants it, without taking any address anew."""
+        out: list[tuple[int, int]] = []
+        if self._next == len(self.pieces):
+            return out
+        skip = self.position - self.pieces[self._next].offset
+        for p in self.pieces[self._next:]:
+            for v, addr in zip(p.views, p.addrs):
+                n = len(v)
+                if skip >= n:
+                    skip -= n
+                    continue
+                out.append((addr + skip, n - skip))
+                skip = 0
         return out
 
     def advance(self, n: int) -> list[Piece]:

@@ -27,7 +27,6 @@ import threading
 from typing import TYPE_CHECKING
 
 from iosched import uring_native
-from iosched.aligned_buffer import address_of
 from iosched.thread_priority import raise_own_priority
 
 if TYPE_CHECKING:
@@ -94,15 +93,12 @@ class UringBackend:
         self._thread.start()
 
     def _prep(self, t: Transfer, ud: int) -> None:
-        views = t.iov()
-        iov = (_Iovec * len(views))()
-        for i, v in enumerate(views):
-            iov[i].iov_base = address_of(v)
-            iov[i].iov_len = len(v)
+        spans = t.spans()
+        iov = (_Iovec * len(spans))(*spans)
         t.iov_keepalive = iov
         t.user_data = ud
         rc = self._lib.kvr_prep(self._ring, 0 if t.op == "read" else 1, t.fd,
-                                ctypes.addressof(iov), len(views), t.position, ud)
+                                ctypes.addressof(iov), len(spans), t.position, ud)
         assert rc == 0, f"io_uring SQ full although {self.entries} >= queue depth"
 
     def _run(self, sched: IOScheduler) -> None:

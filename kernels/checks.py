@@ -13,7 +13,7 @@ may assume well-formed input. Two kinds of check:
 Every caller mistake raises ValueError (TypeError for a non-tensor) with a one-line message
 naming the argument and the fix. The cache layout accepted is `[num_blocks, block_size,
 num_kv_heads, head_dim]` with the three inner dims contiguous and any stride on the block
-dim, so per-layer views `kv[:, l, 0]` of the KV arena pass unchanged.
+dim, so per-layer views `kv[l, :, 0]` of the KV arena pass unchanged.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
                for dim, size, want in zip((1, 2, 3), c.shape[1:], inner)):
             raise ValueError(f"{name} strides {c.stride()} are not contiguous in the inner "
                              f"[block_size, num_kv_heads, head_dim] dims; use a view "
-                             f"kv[:, layer, 0|1] of a contiguous arena")
+                             f"kv[layer, :, 0|1] of a contiguous arena")
 
 
 def _check_query(q: torch.Tensor, k_cache: torch.Tensor) -> None:

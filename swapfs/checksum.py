@@ -10,11 +10,12 @@ verifies with the wrong one.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from swapfs.errors import SwapConfigError
 
 Checksum = Callable[[object], int]
+PiecesChecksum = Callable[[Sequence[object]], int]
 
 
 def _xxh3_64() -> Checksum:
@@ -46,6 +47,41 @@ def get(name: str) -> Checksum:
         package = {"xxh3_64": "xxhash", "crc32c": "crc32c"}[name]
         raise SwapConfigError(f"checksum {name} needs the Python package {package}; install it"
                               " or reformat the swap directory") from None
+
+
+def _pieces_xxh3_64() -> PiecesChecksum:
+    import xxhash
+    one = xxhash.xxh3_64_intdigest
+
+    def digest(pieces: Sequence[object]) -> int:
+        if len(pieces) == 1:
+            return one(pieces[0])
+        state = xxhash.xxh3_64()
+        for piece in pieces:
+            state.update(piece)
+        return state.intdigest()
+    return digest
+
+
+def _chained(name: str) -> PiecesChecksum:
+    """crc32 and crc32c continue from a previous value: fn(data, value)."""
+    fn = get(name)
+
+    def digest(pieces: Sequence[object]) -> int:
+        value = 0
+        for piece in pieces:
+            value = fn(piece, value)
+        return value
+    return digest
+
+
+def get_pieces(name: str) -> PiecesChecksum:
+    """The function of algorithm `name` over a sequence of bytes-likes: the checksum of
+    their concatenation, without concatenating them."""
+    if name == "xxh3_64":
+        get(name)                  # the same error as get() when xxhash is missing
+        return _pieces_xxh3_64()
+    return _chained(name)
 
 
 def available(name: str) -> bool:

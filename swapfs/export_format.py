@@ -9,7 +9,7 @@ Layout (little-endian; every section starts at a multiple of 4096):
          "block_checksums": [checksum of each block, 16 hex digits]}
          zero padding to header_len = roundup(16 + json_len, 4096)
   header_len              token ids, int32 × num_tokens, zero padding to a 4096 multiple
-  header_len + tokens_len block i (block_bytes each, the engine's kv[block] bytes), i < num_blocks
+  header_len + tokens_len block i (block_bytes each, the block as a slot holds it), i < num_blocks
 An import is untrusted: besides its sections' sizes and checksums, every header field,
 token id and KV value is checked (import_check.py) before it is committed; the owner
 becomes the importing user and the session id the file's name under /import.

@@ -5,9 +5,9 @@ and dtype. `KVLayout` carries those facts; its `layout_id` (a 64-bit hash of the
 store format version) is written into every slot header, the metadata and every export
 file, and a mismatch at open drops the whole store rather than serving foreign KV.
 
-The block is the engine's `kv[block_id]` of the arena
-`kv[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]` — one contiguous
-byte range of `block_bytes`.
+A block's bytes are `[num_layers, 2, block_size, num_kv_heads, head_dim]` in this order,
+`block_bytes` long: in the engine's layer-major arena one piece per layer (its K then V),
+concatenated (swapfs.block_buffer).
 """
 from __future__ import annotations
 

@@ -12,10 +12,12 @@ journal mode (data before the metadata that points at it).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from iosched.aligned_buffer import AlignedBuffer
+from swapfs.block_buffer import BlockBuffer
 from swapfs.records import SlotRef
 from swapfs.slot_store import PendingWrite
 
@@ -48,7 +50,8 @@ class PendingCommit:
         return self.write is None or self.write.done()
 
 
-def copy_to_staging(views, block_bytes: int) -> tuple[AlignedBuffer | None, list[memoryview]]:
+def copy_to_staging(views: Sequence[BlockBuffer],
+                    block_bytes: int) -> tuple[AlignedBuffer | None, list[memoryview]]:
     """The payloads copied into one O_DIRECT-ready buffer, and its per-block views."""
     if not views:
         return None, []
@@ -56,6 +59,6 @@ def copy_to_staging(views, block_bytes: int) -> tuple[AlignedBuffer | None, list
     out = []
     for i, v in enumerate(views):
         dst = buf.view[i * block_bytes:(i + 1) * block_bytes]
-        dst[:] = v
+        v.gather_into(dst)
         out.append(dst)
     return buf, out

@@ -16,13 +16,17 @@ Requests go through an iosched.IOScheduler (passed in, or one of `io_threads` in
 `max_request`-byte transfers made and owned by the store; $KVMM_IOSCHED_BACKEND picks its
 backend, default "auto"): a batch cuts its items into runs of
 consecutive slots of up to the scheduler's request size and submits each run as ONE vectored
-request ([header, payload, header, payload, ...]), so a run costs one syscall and one wait.
+request ([header, payload pieces..., header, payload pieces...]), so a run costs one wait
+(and one syscall per 256 buffers). A payload is a `BlockBuffer`: one range or several (the
+engine's layer-major arena gives one piece per layer) whose concatenation is the slot's
+payload; a plain buffer is one piece.
 Writes hash a run, submit it, and hash the next while the device works (`submit_write` returns
 with them in flight; `finish_write` waits); reads submit every run in one
 `IOScheduler.batch()` and verify each as it arrives. Reads go at Priority.KV_SWAP_IN and
-writes at KV_WRITE_BACK unless the caller says otherwise. Payload views that are 4 KiB aligned
-in address and length go to the kernel as they are (zero copy); others bounce through
-huge-page scratch. Slot headers and bounce areas are lent per batch by a ScratchPool.
+writes at KV_WRITE_BACK unless the caller says otherwise. Payloads whose pieces are all 4 KiB
+aligned in address and length (and fill the slot's padded payload area) go to the kernel as
+they are (zero copy); others are gathered into / scattered from huge-page bounce scratch.
+Slot headers and bounce areas are lent per batch by a ScratchPool.
 Durability is the caller's: `sync()` is fdatasync, to be called before committing metadata.
 
 Prior art: Linux swap's slot map, vLLM's CPU swap space, s3ql's block cache. Left out:
@@ -41,8 +45,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from iosched import DeviceProfile, IOReadError, IOScheduler, IOWriteError, Priority
-from iosched.aligned_buffer import ALIGN, AlignedBuffer, is_direct_io_capable, round_up
+from iosched.aligned_buffer import ALIGN, AlignedBuffer, round_up
 from swapfs import checksum
+from swapfs.block_buffer import BlockBuffer
 from swapfs.scratch_pool import ScratchPool
 from swapfs.errors import (SlotCorruptError, SwapBusyError, SwapError, SwapIOError,
                            SwapNoSpaceError, from_os_error)
@@ -64,10 +69,13 @@ def slot_stride(payload_bytes: int) -> int:
 
 @dataclass(eq=False)
 class _Scratch:
-    """One batch's I/O vectors: iov[2k] is slot k's header page, iov[2k+1] its payload area;
-    areas[k] = (payload area, bounced?); borrowed: (kind, buffer) lent by the ScratchPool."""
+    """One batch's I/O vectors: iov[heads[k]] is slot k's header page, followed by its
+    payload (the item's pieces, or one bounce area) up to iov[heads[k + 1]]; heads has one
+    entry per slot plus len(iov). areas[k] = (where slot k's payload lies, bounced?);
+    borrowed: (kind, buffer) lent by the ScratchPool."""
     iov: list[memoryview] = field(default_factory=list)
-    areas: list[tuple[memoryview, bool]] = field(default_factory=list)
+    heads: list[int] = field(default_factory=list)
+    areas: list[tuple[BlockBuffer, bool]] = field(default_factory=list)
     borrowed: list[tuple[str, AlignedBuffer]] = field(default_factory=list)
 
 
@@ -184,7 +192,7 @@ class SlotStore:
                 os.fdatasync(self._fd)
             del view
         self.checksum_name = algorithm
-        self._checksum = checksum.get(algorithm)
+        self._checksum = checksum.get_pieces(algorithm)
 
     def _super(self, algorithm: str) -> bytes:
         head = _SUPER.pack(_SUPER_MAGIC, 1, self.layout_id, self.payload_bytes, self.num_slots,
@@ -232,44 +240,45 @@ class SlotStore:
 
     # -- batched I/O --------------------------------------------------------------------
 
-    def write(self, items: Sequence[tuple[int, int, memoryview]], *,
+    def write(self, items: Sequence[tuple[int, int, BlockBuffer | memoryview]], *,
               priority: Priority = Priority.KV_WRITE_BACK) -> list[int]:
         """Write (slot_id, generation, payload) items and wait; returns each payload's
         checksum in the order given. Not durable until `sync()`. Raises SwapNoSpaceError /
         SwapIOError."""
         return self.finish_write(self.submit_write(items, priority=priority))
 
-    def submit_write(self, items: Sequence[tuple[int, int, memoryview]], *,
+    def submit_write(self, items: Sequence[tuple[int, int, BlockBuffer | memoryview]], *,
                      priority: Priority = Priority.KV_WRITE_BACK) -> PendingWrite:
         """Start writing (slot_id, generation, payload) items; the payloads must stay
         unchanged until `finish_write` returns. Each run of consecutive slots (up to a
         request's worth) is one vectored request, submitted as soon as its headers are
         hashed, so hashing overlaps the device's work; the first run is a single slot so
         the device starts after one checksum."""
-        for slot_id, _gen, payload in items:
-            self._check(slot_id, payload)
-        self._unique(items)
+        items = self._buffers(items, writable=False)
         pending = PendingWrite(self._lend(items), time.perf_counter())
         if not items:
             return pending
-        iov, areas = pending.scratch.iov, pending.scratch.areas
+        iov, heads = pending.scratch.iov, pending.scratch.heads
+        areas = pending.scratch.areas
         sched = self.scheduler
         try:
             for a, b in self._runs(items, first_alone=True):
                 for k in range(a, b):
-                    (slot_id, gen, payload), (area, bounced) = items[k], areas[k]
+                    (slot_id, gen, payload), (_area, bounced) = items[k], areas[k]
                     if bounced:
-                        area[:len(payload)] = payload
-                        area[len(payload):] = bytes(len(area) - len(payload))
-                    crc = self._checksum(payload)
+                        padded = iov[heads[k] + 1]          # the bounce area, padded
+                        payload.gather_into(padded)
+                        padded[payload.nbytes:] = bytes(len(padded) - payload.nbytes)
+                    crc = self._checksum(payload.pieces)
                     head = _HEADER.pack(_HEADER_MAGIC, self.layout_id, slot_id, gen,
-                                        len(payload), crc)
-                    hdr = iov[2 * k]
+                                        payload.nbytes, crc)
+                    hdr = iov[heads[k]]
                     hdr[:_HEADER.size] = head
                     hdr[_HEADER.size:_HEADER.size + 4] = _CRC.pack(zlib.crc32(head))
                     pending.crcs.append(crc)
                 pending.requests.append(sched.submit_writev(
-                    self._fd, self._offset(items[a][0]), iov[2 * a:2 * b], priority=priority))
+                    self._fd, self._offset(items[a][0]), iov[heads[a]:heads[b]],
+                    priority=priority))
                 time.sleep(0)   # let the backend's thread take it now (GIL) rather than
                                 # after the next switch interval, 5 ms of hashing later
         except BaseException:
@@ -288,28 +297,27 @@ class SlotStore:
             raise pending.result
         return pending.result
 
-    def read(self, items: Sequence[tuple[int, int, memoryview]], *,
+    def read(self, items: Sequence[tuple[int, int, BlockBuffer | memoryview]], *,
              priority: Priority = Priority.KV_SWAP_IN) -> list[SwapError | None]:
         """Read (slot_id, expected generation, destination) items; returns per item None
         (destination holds the verified payload) or the SwapError that hit it (destination
         content undefined). Every run of consecutive slots is one vectored request, all
         submitted at once; a run is verified as soon as it has arrived, while the rest are
         still being read."""
-        for slot_id, _gen, into in items:
-            self._check(slot_id, into)
+        items = self._buffers(items, writable=True)
         if not items:
             return []
-        self._unique(items)
         t0 = time.perf_counter()
         pending = PendingWrite(self._lend(items), t0)    # the same bookkeeping, for reads
-        iov, areas = pending.scratch.iov, pending.scratch.areas
+        iov, heads = pending.scratch.iov, pending.scratch.heads
+        areas = pending.scratch.areas
         sched = self.scheduler
         runs = self._runs(items, first_alone=False)
         try:
             with sched.batch():
                 for a, b in runs:
                     pending.requests.append(sched.submit_readv(
-                        self._fd, self._offset(items[a][0]), iov[2 * a:2 * b],
+                        self._fd, self._offset(items[a][0]), iov[heads[a]:heads[b]],
                         priority=priority))
         except BaseException:
             self._settle(pending, write=False)
@@ -325,10 +333,10 @@ class SlotStore:
                         results.append(failed)
                         continue
                     (slot_id, gen, into), (area, bounced) = items[k], areas[k]
-                    error = self._verify(slot_id, gen, bytes(iov[2 * k][:_HEADER.size + 4]),
-                                         area[:len(into)])
+                    error = self._verify(slot_id, gen,
+                                         bytes(iov[heads[k]][:_HEADER.size + 4]), area)
                     if error is None and bounced:
-                        into[:] = area[:len(into)]
+                        into.scatter_from(area.pieces[0])
                     results.append(error)
         finally:
             self._settle(pending, write=False)
@@ -344,17 +352,21 @@ class SlotStore:
         except OSError as exc:
             raise from_os_error(exc, f"syncing swap file {self.path}") from exc
 
-    def _check(self, slot_id: int, view: memoryview) -> None:
-        if not 0 <= slot_id < self.num_slots:
-            raise IndexError(f"slot {slot_id} outside 0..{self.num_slots - 1}")
-        if len(view) != self.payload_bytes:
-            raise ValueError(f"KV block buffer of {len(view)} bytes, this swap space stores"
-                             f" blocks of {self.payload_bytes} bytes")
-
-    @staticmethod
-    def _unique(items) -> None:
-        if len({slot_id for slot_id, _g, _v in items}) != len(items):
+    def _buffers(self, items, *, writable: bool) -> list[tuple[int, int, BlockBuffer]]:
+        """The items with their payloads as BlockBuffers, checked: slot ids in range and
+        distinct, payload lengths this store's."""
+        out = []
+        for slot_id, gen, payload in items:
+            if not 0 <= slot_id < self.num_slots:
+                raise IndexError(f"slot {slot_id} outside 0..{self.num_slots - 1}")
+            buf = BlockBuffer.of(payload, writable=writable)
+            if buf.nbytes != self.payload_bytes:
+                raise ValueError(f"KV block buffer of {buf.nbytes} bytes, this swap space"
+                                 f" stores blocks of {self.payload_bytes} bytes")
+            out.append((slot_id, gen, buf))
+        if len({slot_id for slot_id, _g, _v in out}) != len(out):
             raise ValueError("a batch names the same slot twice")
+        return out
 
     def _account(self, n: int, seconds: float, *, write: bool) -> None:
         with self._lock:
@@ -416,34 +428,36 @@ class SlotStore:
         if items:
             headers = self._pool.borrow("headers", len(items) * HEADER_BYTES)
             scratch.borrowed.append(("headers", headers))
-        for k, (_slot, _gen, view) in enumerate(items):
+        for k, (_slot, _gen, buf) in enumerate(items):
+            scratch.heads.append(len(scratch.iov))
             scratch.iov.append(headers.view[k * HEADER_BYTES:(k + 1) * HEADER_BYTES])
-            if is_direct_io_capable(view) and len(view) == padded:
-                scratch.iov.append(view)
-                scratch.areas.append((view, False))
+            if buf.nbytes == padded and buf.direct_io_capable():
+                scratch.iov.extend(buf.pieces)
+                scratch.areas.append((buf, False))
             else:
                 if bounce is None:
                     bounce = self._pool.borrow("bounce", len(items) * padded)
                     scratch.borrowed.append(("bounce", bounce))
                 area = bounce.view[k * padded:(k + 1) * padded]
                 scratch.iov.append(area)
-                scratch.areas.append((area, True))
+                scratch.areas.append((BlockBuffer([area[:buf.nbytes]]), True))
+        scratch.heads.append(len(scratch.iov))
         return scratch
 
-    def _verify(self, slot_id: int, gen: int, header: bytes, payload: memoryview):
+    def _verify(self, slot_id: int, gen: int, header: bytes, payload: BlockBuffer):
         magic, layout_id, got_slot, got_gen, length, crc = _HEADER.unpack_from(header)
         where = f"swap slot {slot_id} of {self.path}"
         if magic != _HEADER_MAGIC or _CRC.unpack_from(header, _HEADER.size)[0] != \
                 zlib.crc32(header[:_HEADER.size]):
             return SlotCorruptError(f"{where}: header is not valid (torn or never written);"
                                     " the block will be recomputed")
-        if layout_id != self.layout_id or got_slot != slot_id or length != len(payload):
+        if layout_id != self.layout_id or got_slot != slot_id or length != payload.nbytes:
             return SlotCorruptError(f"{where}: header belongs to another layout or slot;"
                                     " the block will be recomputed")
         if got_gen != gen:
             return SlotCorruptError(f"{where}: generation {got_gen}, expected {gen} (overwritten"
                                     " or torn); the block will be recomputed")
-        if self._checksum(payload) != crc:
+        if self._checksum(payload.pieces) != crc:
             return SlotCorruptError(f"{where}: payload checksum mismatch (torn write or bit rot);"
                                     " the block will be recomputed")
         return None

@@ -32,7 +32,8 @@ from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any
 
-from iosched.aligned_buffer import AlignedBuffer, as_byte_view
+from iosched.aligned_buffer import AlignedBuffer
+from swapfs.block_buffer import BlockBuffer
 from swapfs.errors import (SwapConfigError, SwapConflictError, SwapError, SwapFullError,
                            SwapNotFoundError, from_os_error)
 from swapfs.layout import KVLayout
@@ -171,20 +172,22 @@ class SwapSpace:
             with self._lock:
                 self._bw[what] = _ewma(self._bw[what], nbytes / seconds)
 
-    def _views(self, bufs: Sequence[Any], *, writable: bool) -> list[memoryview]:
-        views = [as_byte_view(b, writable=writable) for b in bufs]
+    def _views(self, bufs: Sequence[Any], *, writable: bool) -> list[BlockBuffer]:
+        """Each block's buffer (one buffer, or a list of pieces: BlockBuffer.of), checked
+        to hold one block."""
+        views = [BlockBuffer.of(b, writable=writable) for b in bufs]
         for v in views:
-            if len(v) != self.layout.block_bytes:
-                raise ValueError(f"KV block buffer of {len(v)} bytes; this swap space holds"
+            if v.nbytes != self.layout.block_bytes:
+                raise ValueError(f"KV block buffer of {v.nbytes} bytes; this swap space holds"
                                  f" blocks of {self.layout.block_bytes} bytes")
         return views
 
     # -- raw slot I/O shared by every kind ------------------------------------------------------
 
-    def _write(self, refs: Sequence[SlotRef], views: Sequence[memoryview]) -> list[int]:
+    def _write(self, refs: Sequence[SlotRef], views: Sequence[BlockBuffer]) -> list[int]:
         return self._end_write(refs, self._begin_write(refs, views))
 
-    def _begin_write(self, refs: Sequence[SlotRef], views: Sequence[memoryview]) -> PendingWrite:
+    def _begin_write(self, refs: Sequence[SlotRef], views: Sequence[BlockBuffer]) -> PendingWrite:
         """Submit the writes of `views` into the allocated slots `refs`; on a failure to
         submit the slots are released and the error recorded and raised."""
         try:

@@ -1,11 +1,16 @@
 // Paged-attention decode and the KV write for CPU tensors, reading the cache in place.
 //
-// Decode: one work unit is (sequence, KV head, context split). A unit walks its token range in
-// chunks of kChunk tokens: the block table gives each token's row in the cache (no gather
-// copy); the scores of all the group's query heads against the chunk's K rows are computed
-// (GQA: each K/V row is read once per group, and stays in L1 while the group uses it), then
-// one online-softmax step in float32 rescales the running max/sum/accumulator, and the V rows
-// are accumulated. Splits exist only for parallelism (batch 1-2 has fewer (sequence, KV head)
+// Decode: one work unit is (sequence, KV head, context split). A unit first turns its token
+// range into the offsets of each token's K and V row through the block table (no gather
+// copy), then walks it in chunks of kChunk tokens: the scores of all the group's query heads
+// against the chunk's K rows are computed (GQA: each K/V row is read once per group, and
+// stays in L1 while the group uses it), then one online-softmax step in float32 rescales the
+// running max/sum/accumulator, and the V rows are accumulated. Paged rows do not follow each other in memory, so the hardware prefetchers
+// lose the stream at every block edge; the kernel prefetches instead, from the row offsets:
+// K rows kPrefetch tokens ahead into L1 and each chunk's V rows into L2 during the score
+// pass, V rows kPrefetch ahead into L1 during the accumulation (`kvmm bench decode
+// --attention-only` measures paged against the same data in order). Splits exist only for
+// parallelism (batch 1-2 has fewer (sequence, KV head)
 // units than threads can share evenly); the partial results of a unit's splits are merged by
 // their log-sum-exp afterwards, as in vLLM's paged_attention_v2 / flash-decoding.
 //
@@ -16,7 +21,8 @@
 // vectors (libm's expf does not vectorize without -ffast-math), accurate to a few ulps.
 //
 // Caches are [num_blocks, block_size, num_kv_heads, head_dim] with the three inner dims
-// contiguous and any block stride (per-layer views of the KV arena); float32 or bfloat16
+// contiguous and any block stride (per-layer views of the KV arena, which is layer-major so
+// that a layer's blocks lie close together: kvmm_daemon/kv/kv_cache.py); float32 or bfloat16
 // (bfloat16 rows are widened to float32 in a small tile buffer); head_dim a multiple of the
 // vector width (the Python side sends only multiples of 16). The metadata is validated before
 // any cache row is touched: a block id outside [0, num_blocks) inside a sequence's context
@@ -47,6 +53,7 @@ using namespace kvmm_simd;
 
 constexpr int64_t kTile = 4;            // tokens whose K (or V) rows are combined at once
 constexpr int64_t kChunk = 128;         // tokens per online-softmax step, a multiple of kLanes
+constexpr int64_t kPrefetch = 16;       // tokens ahead whose rows are prefetched, a multiple of kTile
 constexpr int64_t kMinSplitTokens = 64;  // a context split covers at least this many tokens
 constexpr int64_t kMinTaskTokens = 512;  // a thread is woken for at least this many K/V rows
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -83,8 +90,18 @@ struct Scratch {
   std::vector<int64_t> k_rows, v_rows;
   Scratch(int64_t group, int64_t head_dim)
       : q(group * head_dim), scores(group * kChunk), acc(group * head_dim), m(group), l(group),
-        tile(kTile * head_dim), k_rows(kChunk + kTile), v_rows(kChunk + kTile) {}
+        tile(kTile * head_dim) {}
 };
+
+// Issues a prefetch of the kTile rows at rows[0..kTile) of base (element offsets), each
+// `bytes` long, into L1 (kLocality 3) or L2 (kLocality 2).
+template <int kLocality, typename T>
+inline void prefetch_rows(const T* base, const int64_t* rows, int64_t bytes) {
+  for (int64_t t = 0; t < kTile; ++t) {
+    const char* p = reinterpret_cast<const char*>(base + rows[t]);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, kLocality);
+  }
+}
 
 // Pointers to the float32 rows of tokens rows[0..kTile): float rows where they lie, bfloat16
 // rows widened into buf.
@@ -113,8 +130,6 @@ void attend(const DecodeArgs<T>& a, int64_t s, int64_t h, int64_t t0, int64_t t1
   float* __restrict acc = w.acc.data();
   float* __restrict m = w.m.data();
   float* __restrict l = w.l.data();
-  int64_t* k_rows = w.k_rows.data();
-  int64_t* v_rows = w.v_rows.data();
   for (int64_t g = 0; g < G; ++g) {
     const T* src = a.q + s * a.q_seq_stride + (h * G + g) * a.q_head_stride;
     for (int64_t d = 0; d < D; ++d) qf[g * D + d] = load_scalar(src + d) * a.scale;
@@ -122,27 +137,43 @@ void attend(const DecodeArgs<T>& a, int64_t s, int64_t h, int64_t t0, int64_t t1
   std::fill(acc, acc + G * D, 0.0f);
   std::fill(m, m + G, kNegInf);
   std::fill(l, l + G, 0.0f);
-  const int32_t* table = a.tables + s * a.table_cols;
-  const float* rows[kTile];
-  for (int64_t c0 = t0; c0 < t1; c0 += kChunk) {
-    const int64_t n = std::min(kChunk, t1 - c0);
-    const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
-    int64_t col = c0 / bs, slot = c0 % bs;
-    int64_t block = table[col];
-    for (int64_t i = 0; i < n; ++i) {        // the K and V row of each token of the chunk
-      k_rows[i] = block * a.k_block_stride + slot * row_stride + h * D;
-      v_rows[i] = block * a.v_block_stride + slot * row_stride + h * D;
-      if (++slot == bs && i + 1 < n) {
-        slot = 0;
-        block = table[++col];
+  // the K and V row of every token of the range, then a few rows beyond it that repeat the
+  // last (a partial last tile reads them, and prefetches look kPrefetch tokens ahead)
+  const int64_t n_all = t1 - t0, pad = kTile + kPrefetch;
+  if (static_cast<int64_t>(w.k_rows.size()) < n_all + pad) {
+    w.k_rows.resize(n_all + pad);
+    w.v_rows.resize(n_all + pad);
+  }
+  int64_t* k_rows = w.k_rows.data();
+  int64_t* v_rows = w.v_rows.data();
+  {
+    const int32_t* table = a.tables + s * a.table_cols;
+    int64_t col = t0 / bs, slot = t0 % bs;
+    const int64_t head = h * D;
+    for (int64_t i = 0; i < n_all;) {
+      const int64_t block = table[col];
+      const int64_t k_base = block * a.k_block_stride + head, v_base = block * a.v_block_stride + head;
+      for (; slot < bs && i < n_all; ++slot, ++i) {
+        k_rows[i] = k_base + slot * row_stride;
+        v_rows[i] = v_base + slot * row_stride;
       }
+      slot = 0;
+      ++col;
     }
-    for (int64_t i = n; i < n + kTile; ++i) {  // a partial last tile repeats the last row
-      k_rows[i] = k_rows[n - 1];
-      v_rows[i] = v_rows[n - 1];
+    for (int64_t i = n_all; i < n_all + pad; ++i) {
+      k_rows[i] = k_rows[n_all - 1];
+      v_rows[i] = v_rows[n_all - 1];
     }
+  }
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  const float* rows[kTile];
+  for (int64_t c0 = 0; c0 < n_all; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, n_all - c0);
+    const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
     for (int64_t i = 0; i < n; i += kTile) {   // scores: q . k for the group, a tile at a time
-      tile_rows(a.k, k_rows + i, w.tile.data(), D, rows);
+      prefetch_rows<3>(a.k, k_rows + c0 + i + kPrefetch, row_bytes);
+      prefetch_rows<2>(a.v, v_rows + c0 + i, row_bytes);
+      tile_rows(a.k, k_rows + c0 + i, w.tile.data(), D, rows);
       for (int64_t g = 0; g < G; ++g) {
         const float* qg = qf + g * D;
         vfloat s0{}, s1{}, s2{}, s3{};
@@ -179,7 +210,8 @@ void attend(const DecodeArgs<T>& a, int64_t s, int64_t h, int64_t t0, int64_t t1
       }
     }
     for (int64_t i = 0; i < n; i += kTile) {   // acc += p v, a tile of V rows at a time
-      tile_rows(a.v, v_rows + i, w.tile.data(), D, rows);
+      prefetch_rows<3>(a.v, v_rows + c0 + i + kPrefetch, row_bytes);
+      tile_rows(a.v, v_rows + c0 + i, w.tile.data(), D, rows);
       for (int64_t g = 0; g < G; ++g) {
         const float* pg = sc + g * kChunk + i;   // past n the weights are 0
         const vfloat p0 = vbroadcast(pg[0]), p1 = vbroadcast(pg[1]), p2 = vbroadcast(pg[2]),

@@ -3,9 +3,14 @@
 * decode tokens/s at batch 1, 8, 16 and 32: B requests with short distinct prompts decode
   `--decode-tokens` tokens each (ignore_eos); only steps where every sequence decodes count;
 * prefill tokens/s: one `--prefill-len`-token prompt, cold (no prefix cache);
-* paged vs contiguous attention: the paged decode kernel against contiguous SDPA on the same
-  shapes (the model's heads, batch 1/8/32, context 256 and 1024), per-call wall time;
-  overhead = paged / contiguous - 1;
+* what paging costs attention (`paging_overhead.py`): each attention path (the native
+  kernel, the torch path) on one layer of the engine's own arena with blocks scattered as a
+  churned BlockPool hands them out, against the same path on the same data in order in a
+  compact huge-page buffer; SDPA on unpaged tensors as a third column. Grid: batch 1/8/32 x
+  context 256/1024/2048 x 1 and 2 threads (--attention-*), 8 layers taken in turn as a
+  step does (--attention-layers 1: one layer, cache-hot), best call of interleaved rounds;
+  overhead = paged / contiguous (goal <= 1.10 in every cell). `--attention-only` runs just
+  the grid;
 * with --vs-llama-cpp: llama.cpp (llama-cpp-python, optional) on the same GGUF in the same
   run, same threads and prompts: prefill and aggregate decode tokens/s per batch size.
 """
@@ -55,40 +60,20 @@ def measure_prefill(engine, length: int) -> float:
     return length / (time.perf_counter() - t0)
 
 
-def _time(fn, reps: int) -> float:
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
+def attention_grid(spec, args: argparse.Namespace) -> dict:
+    """The paging-overhead grid (bench/paging_overhead.py) with the model's attention shapes."""
+    from kvmm_daemon.bench.paging_overhead import Geometry, paging_overhead
+
+    geo = Geometry(num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
+                   head_dim=spec.head_dim, num_layers=spec.num_layers)
+    return paging_overhead(geo, batches=_ints(args.attention_batches),
+                           contexts=_ints(args.attention_contexts),
+                           threads=_ints(args.attention_threads), rounds=args.attention_rounds,
+                           layers=args.attention_layers)
 
 
-def attention_overhead(spec, block_size: int = 16) -> list[dict]:
-    import torch  # here, not at import: `kvmm --help` stays fast
-
-    from kernels import paged_attention_decode
-    from kernels.torch_paged import contiguous_decode_sdpa
-
-    rows = []
-    h, hkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    for batch in (1, 8, 32):
-        for ctx in (256, 1024):
-            g = torch.Generator().manual_seed(batch * ctx)
-            nb = -(-ctx // block_size)
-            arena = torch.randn(batch * nb + 8, spec.num_layers if batch == 1 else 2, 2, block_size, hkv, d, generator=g)
-            k_cache, v_cache = arena[:, 0, 0], arena[:, 0, 1]
-            tables = torch.randperm(arena.shape[0], generator=g)[:batch * nb].view(batch, nb).to(torch.int32)
-            seq_lens = torch.full((batch,), ctx, dtype=torch.int32)
-            q = torch.randn(batch, h, d, generator=g)
-            k = k_cache[tables.long()].reshape(batch, nb * block_size, hkv, d).contiguous()
-            v = v_cache[tables.long()].reshape(batch, nb * block_size, hkv, d).contiguous()
-            scale = d ** -0.5
-            reps = max(20, 2000 // (batch * ctx // 64))
-            paged = _time(lambda: paged_attention_decode(q, k_cache, v_cache, tables, seq_lens, scale), reps)
-            contig = _time(lambda: contiguous_decode_sdpa(q, k, v, seq_lens, scale), reps)
-            rows.append({"batch": batch, "context": ctx, "paged_us": round(paged * 1e6, 1),
-                         "contiguous_us": round(contig * 1e6, 1), "overhead": round(paged / contig - 1, 4)})
-    return rows
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
 def llama_cpp_figures(model_path: str, threads: int, prefill_len: int, tokens: int,
@@ -123,36 +108,51 @@ def register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=48)
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--vs-llama-cpp", action="store_true", help="also run llama.cpp on the same GGUF")
+    p.add_argument("--attention-only", action="store_true",
+                   help="only the paged-vs-contiguous attention grid (no decode/prefill figures)")
+    p.add_argument("--attention-batches", default="1,8,32", help="batch sizes of the grid")
+    p.add_argument("--attention-contexts", default="256,1024,2048", help="contexts of the grid")
+    p.add_argument("--attention-threads", default="1,2", help="thread counts of the grid")
+    p.add_argument("--attention-rounds", type=int, default=4,
+                   help="interleaved rounds of 10 calls per variant; the best call counts")
+    p.add_argument("--attention-layers", type=int, default=8,
+                   help="layers taken in turn, call after call, as a decode step does (1: the"
+                        " same layer every call, cache-hot)")
 
 
 def run_decode_bench(args: argparse.Namespace) -> dict:
     import torch  # here, not at import: `kvmm --help` stays fast
 
+    from kvmm_daemon.bench.paging_overhead import print_table
+
     torch.set_num_threads(args.threads)
     engine = _engine(args)
-    measure_decode(engine, 1, 4, tag=99)      # warm-up
-    batches = [int(b) for b in args.batches.split(",")]
-    decode = {str(b): round(measure_decode(engine, b, args.decode_tokens, tag=b), 1) for b in batches}
-    prefill = round(measure_prefill(engine, args.prefill_len), 1)
-    attn = attention_overhead(engine.spec)
-    overhead = max(r["overhead"] for r in attn if r["batch"] == 8)
-    result = {"decode_tokens_per_s": decode, "prefill_tokens_per_s": prefill,
-              "paged_attention_overhead": overhead, "attention": attn, "threads": args.threads,
-              "model": engine.spec.name}
-    if args.vs_llama_cpp:
-        from kvmm_daemon.model.model_file import default_model_path
-        result["llama_cpp"] = llama_cpp_figures(str(args.model or default_model_path()), args.threads,
-                                                args.prefill_len, args.decode_tokens, batches,
-                                                engine.tokenizer.encode(PROMPT))
+    spec = engine.spec
+    result: dict = {"threads": args.threads, "model": spec.name}
+    if not args.attention_only:
+        measure_decode(engine, 1, 4, tag=99)      # warm-up
+        batches = [int(b) for b in args.batches.split(",")]
+        result["decode_tokens_per_s"] = {
+            str(b): round(measure_decode(engine, b, args.decode_tokens, tag=b), 1) for b in batches}
+        result["prefill_tokens_per_s"] = round(measure_prefill(engine, args.prefill_len), 1)
+        if args.vs_llama_cpp:
+            from kvmm_daemon.model.model_file import default_model_path
+            result["llama_cpp"] = llama_cpp_figures(
+                str(args.model or default_model_path()), args.threads, args.prefill_len,
+                args.decode_tokens, batches, engine.tokenizer.encode(PROMPT))
+    del engine                    # the grid allocates an arena of its own
+    result["attention"] = attention_grid(spec, args)
+    result["paged_attention_overhead"] = result["attention"]["worst_overhead"]
+    torch.set_num_threads(args.threads)
     ref = result.get("llama_cpp", {})
-    print(f"{'figure':<28}{'kvmm':>12}{'llama.cpp':>12}")
-    for b, v in decode.items():
-        other = ref.get("decode_tokens_per_s", {}).get(b, "-")
-        print(f"{'decode tok/s, batch ' + b:<28}{v:>12}{other:>12}")
-    print(f"{'prefill tok/s':<28}{prefill:>12}{ref.get('prefill_tokens_per_s', '-'):>12}")
-    print(f"\n{'batch':>6}{'context':>9}{'paged us':>11}{'contig us':>11}{'overhead':>10}")
-    for r in attn:
-        print(f"{r['batch']:>6}{r['context']:>9}{r['paged_us']:>11}{r['contiguous_us']:>11}{r['overhead']:>10.1%}")
+    if not args.attention_only:
+        print(f"{'figure':<28}{'kvmm':>12}{'llama.cpp':>12}")
+        for b, v in result["decode_tokens_per_s"].items():
+            other = ref.get("decode_tokens_per_s", {}).get(b, "-")
+            print(f"{'decode tok/s, batch ' + b:<28}{v:>12}{other:>12}")
+        print(f"{'prefill tok/s':<28}{result['prefill_tokens_per_s']:>12}"
+              f"{ref.get('prefill_tokens_per_s', '-'):>12}\n")
+    print_table(result["attention"])
     if "error" in ref:
         print(f"llama.cpp: {ref['error']}")
     return result

@@ -140,8 +140,10 @@ class FlashTier:
         if seen == 1 or seen % LOG_EVERY == 0:
             log.warning("flash tier: %s failed (%d times so far), recomputing instead: %s", what, seen, exc)
 
-    def _views(self, block_ids: list[int]) -> list:
-        return [self.kv_cache.block_view(b).numpy() for b in block_ids]
+    def _views(self, block_ids: list[int]) -> list[list[memoryview]]:
+        """Each block's bytes as its per-layer pieces in the arena (swapfs moves them with
+        one vectored request, no copy)."""
+        return [self.kv_cache.block_pieces(b) for b in block_ids]
 
     # --- preemption by swap -------------------------------------------------------------
 
@@ -252,7 +254,7 @@ class FlashTier:
         """Pool hook: the block is about to be reused; keep a copy of its bytes."""
         if len(self._staged) >= MAX_STAGED_BLOCKS:
             self.flush()
-        self._staged.append((block_hash, self.kv_cache.block_view(block.block_id).numpy().copy()))
+        self._staged.append((block_hash, b"".join(self.kv_cache.block_pieces(block.block_id))))
 
     def flush(self) -> None:
         """Submit staged evicted prefix blocks to flash (end of step); committed later."""

@@ -239,7 +239,8 @@ def test_drain_waits_for_everything(backend, data, buf):
 
 def test_vectored_request_scatters_and_gathers_in_order(backend, data, buf):
     """submit_readv/submit_writev: one request (one handle, one wait) over several buffers,
-    in file order, split at the request size and merged like any other."""
+    in file order, packed into pieces of at most the request size and merged like any
+    other."""
     _, content, fd = data
     with make(backend, request_bytes=128 * KiB) as s:
         views = [buf.view[0:4 * KiB], buf.view[1 * MiB:1 * MiB + 300 * KiB],
@@ -247,6 +248,7 @@ def test_vectored_request_scatters_and_gathers_in_order(backend, data, buf):
         req = s.submit_readv(fd, 64 * KiB, views, priority=Priority.KV_SWAP_IN)
         assert req.buffer is None and len(req.buffers) == 3 and req.length == 312 * KiB
         assert s.wait(req) == 312 * KiB
+        assert s.statistics().splits == 2        # packed across buffers: 128 + 128 + 56 KiB
         got = b"".join(bytes(v) for v in views)
         assert got == content[64 * KiB:64 * KiB + 312 * KiB]
         for v, byte in zip(views, (b"\x01", b"\x02", b"\x03")):

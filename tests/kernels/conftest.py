@@ -1,9 +1,12 @@
 """Random paged-attention inputs shared by the kernel tests.
 
-A case lays its caches out like the engine does: per-layer views `kv[:, layer, 0|1]` of an
-arena `[num_blocks, num_layers, 2, block_size, H_kv, D]` (strided block dim), sequences own
-shuffled, non-adjacent blocks, block tables are -1 padded past each sequence's blocks, and
-every unused cache position holds random values, so reading a wrong or masked slot shows.
+A case lays its caches out like the engine does: per-layer views `kv[layer, :, 0|1]` of a
+layer-major arena `[num_layers, num_blocks, 2, block_size, H_kv, D]` (block stride
+2 * block_size * H_kv * D), or with `block_major=True` views `kv[:, layer, 0|1]` of
+`[num_blocks, num_layers, 2, ...]` (the layout before, a longer block stride; kernels accept
+any block stride); sequences own shuffled, non-adjacent blocks, block tables are -1 padded
+past each sequence's blocks, and every unused cache position holds random values, so
+reading a wrong or masked slot shows.
 
 Error measure used by every test: rel_err(a, ref) = max|a - ref| / max|ref|, computed in
 float32; bounds are 1e-5 for float32, 1e-2 for bfloat16 and 2e-3 for float16.
@@ -50,6 +53,8 @@ class PagedCase:
     """Inputs of one kernel call. query_start_loc covers query_lens; seq_lens >= query_lens."""
 
     arena: torch.Tensor
+    layer: int
+    block_major: bool
     k_cache: torch.Tensor
     v_cache: torch.Tensor
     block_tables: torch.Tensor
@@ -57,6 +62,12 @@ class PagedCase:
     query_start_loc: torch.Tensor
     q: torch.Tensor
     scale: float
+
+    def caches_of(self, arena: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (k_cache, v_cache) views of this case's layer in `arena` (e.g. a clone)."""
+        if self.block_major:
+            return arena[:, self.layer, 0], arena[:, self.layer, 1]
+        return arena[self.layer, :, 0], arena[self.layer, :, 1]
 
     @property
     def decode_args(self) -> tuple:
@@ -72,7 +83,7 @@ def build_case(seq_lens: list[int], *, query_lens: list[int] | None = None, num_
                num_kv_heads: int = 2, head_dim: int = 64, block_size: int = 16,
                dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu",
                num_layers: int = 3, layer: int = 1, spare_blocks: int = 3,
-               extra_columns: int = 2) -> PagedCase:
+               extra_columns: int = 2, block_major: bool = False) -> PagedCase:
     """A case with one query per sequence (decode) unless query_lens is given (prefill)."""
     gen = torch.Generator().manual_seed(seed)
     query_lens = [1] * len(seq_lens) if query_lens is None else query_lens
@@ -80,8 +91,8 @@ def build_case(seq_lens: list[int], *, query_lens: list[int] | None = None, num_
     assert all(0 <= q <= s for q, s in zip(query_lens, seq_lens))
     blocks_needed = [-(-n // block_size) for n in seq_lens]
     num_blocks = sum(blocks_needed) + spare_blocks
-    arena = torch.randn(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim,
-                        generator=gen).to(dtype)
+    outer = (num_blocks, num_layers) if block_major else (num_layers, num_blocks)
+    arena = torch.randn(*outer, 2, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
     order = torch.randperm(num_blocks, generator=gen).tolist()
     width = max(blocks_needed, default=0) + extra_columns
     block_tables = torch.full((len(seq_lens), width), -1, dtype=torch.int32)
@@ -91,8 +102,10 @@ def build_case(seq_lens: list[int], *, query_lens: list[int] | None = None, num_
     starts = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
     q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen).to(dtype)
     arena = arena.to(device)
-    return PagedCase(arena=arena, k_cache=arena[:, layer, 0], v_cache=arena[:, layer, 1],
-                     block_tables=block_tables.to(device),
+    layers = (arena[:, layer, 0], arena[:, layer, 1]) if block_major else \
+        (arena[layer, :, 0], arena[layer, :, 1])
+    return PagedCase(arena=arena, layer=layer, block_major=block_major, k_cache=layers[0],
+                     v_cache=layers[1], block_tables=block_tables.to(device),
                      seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
                      query_start_loc=starts.to(device), q=q.to(device), scale=head_dim ** -0.5)
 

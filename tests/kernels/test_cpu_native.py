@@ -50,6 +50,30 @@ def test_decode_across_chunk_and_tile_edges(native, make_case, check_close, dtyp
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_major", [False, True])
+def test_decode_on_scattered_blocks_of_either_arena_layout(native, make_case, check_close,
+                                                           block_major, dtype):
+    # the engine's layer-major arena and the block-major one (any block stride): shuffled
+    # blocks, contexts that end inside the prefetch distance and exactly on block edges
+    case = make_case([1, 15, 16, 17, 33, 160, 400], num_heads=9, num_kv_heads=3,
+                     block_size=16, dtype=dtype, seed=11, num_layers=4, layer=2,
+                     block_major=block_major)
+    out = native.paged_attention_decode(*case.decode_args)
+    check_close(out, reference.paged_attention_decode(*case.decode_args))
+    # the same data in order in a compact buffer with the identity table: the same result
+    ids = torch.cat([case.block_tables[s, :-(-n // 16)]
+                     for s, n in enumerate(case.seq_lens.tolist())]).long()
+    k, v = case.k_cache[ids].contiguous(), case.v_cache[ids].contiguous()
+    table = torch.full_like(case.block_tables, -1)
+    at = 0
+    for s, n in enumerate(case.seq_lens.tolist()):
+        table[s, :-(-n // 16)] = torch.arange(at, at - (-n // 16), dtype=torch.int32)
+        at -= -n // 16
+    assert torch.equal(native.paged_attention_decode(case.q, k, v, table, case.seq_lens,
+                                                     case.scale), out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_split_over_threads_matches_reference(native, make_case, check_close, dtype):
     # one sequence, one KV head: the context is cut into splits merged by log-sum-exp
     threads = torch.get_num_threads()
@@ -114,7 +138,7 @@ def test_reshape_and_cache_matches_reference(native, make_case, block_size, dtyp
     kv = torch.randn(12, 2, 2, 64).to(dtype)             # k and v interleaved: strided token dim
     k, v = kv[:, 0], kv[:, 1]
     expected = case.arena.clone()
-    reference.reshape_and_cache(k, v, expected[:, 1, 0], expected[:, 1, 1], slots)
+    reference.reshape_and_cache(k, v, *case.caches_of(expected), slots)
     native.reshape_and_cache(k, v, case.k_cache, case.v_cache, slots.to(torch.int32))
     assert torch.equal(case.arena, expected)
 

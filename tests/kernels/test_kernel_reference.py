@@ -52,4 +52,4 @@ def test_reshape_and_cache_writes_slots_and_skips_minus_one(make_case):
     reference.reshape_and_cache(k, v, case.k_cache, case.v_cache, torch.tensor([9, -1, 2]))
     assert torch.equal(case.k_cache[2, 1], k[0]) and torch.equal(case.v_cache[0, 2], v[2])
     changed = (case.arena != before).flatten(2).any(-1).nonzero().tolist()
-    assert sorted(changed) == [[0, 1], [2, 1]]      # (block, layer) pairs; layer 1 is the view
+    assert sorted(changed) == [[1, 0], [1, 2]]      # (layer, block) pairs; layer 1 is the view

@@ -91,7 +91,7 @@ def test_reshape_and_cache_matches_reference(make_case, block_size, dtype):
     kv = torch.randn(12, 2, 2, 64).to(dtype)         # k and v interleaved: strided token dim
     k, v = kv[:, 0], kv[:, 1]
     expected = case.arena.clone()
-    reference.reshape_and_cache(k, v, expected[:, 1, 0], expected[:, 1, 1], slots)
+    reference.reshape_and_cache(k, v, *case.caches_of(expected), slots)
     torch_paged.reshape_and_cache(k, v, case.k_cache, case.v_cache, slots)
     assert torch.equal(case.arena, expected)
 

@@ -67,7 +67,7 @@ def test_reshape_and_cache_matches_reference(make_case, block_size, dtype):
     slots[[2, 7]] = -1
     kv = torch.randn(12, 2, 2, 64).to(dtype)         # k and v interleaved: strided token dim
     expected = case.arena.cpu().clone()
-    reference.reshape_and_cache(kv[:, 0], kv[:, 1], expected[:, 1, 0], expected[:, 1, 1], slots)
+    reference.reshape_and_cache(kv[:, 0], kv[:, 1], *case.caches_of(expected), slots)
     kv, slots = kv.to(DEVICE), slots.to(DEVICE)
     triton_paged.reshape_and_cache(kv[:, 0], kv[:, 1], case.k_cache, case.v_cache, slots)
     assert torch.equal(case.arena.cpu(), expected)

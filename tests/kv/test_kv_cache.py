@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from iosched.aligned_buffer import is_direct_io_capable
 from kvmm_daemon.errors import ConfigError
 from kvmm_daemon.kv.kv_cache import KVCache
 
@@ -10,43 +11,55 @@ SMALL = dict(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8)
 
 def test_arena_shape_zeroed_and_contiguous():
     c = KVCache(5, **SMALL)
-    assert c.kv.shape == (5, 3, 2, 4, 2, 8) and c.kv.is_contiguous()
+    assert c.kv.shape == (3, 5, 2, 4, 2, 8) and c.kv.is_contiguous()   # layer-major
     assert c.kv.dtype == torch.float32 and c.kv.device.type == "cpu"
     assert not c.kv.any()
     assert c.block_bytes == 3 * 2 * 4 * 2 * 8 * 4 and c.nbytes == 5 * c.block_bytes
+    assert c.layer_block_bytes == c.block_bytes // 3
+    assert c.huge_page_fraction() is not None
 
 
 def test_layer_views_alias_the_arena():
     c = KVCache(5, **SMALL)
     k, v = c.layer(1)
     assert k.shape == v.shape == (5, 4, 2, 8)
-    assert k.stride() == (3 * 2 * 4 * 2 * 8, 16, 8, 1)
+    assert k.stride() == (2 * 4 * 2 * 8, 16, 8, 1)      # a layer's blocks side by side
     k[2, 3, 1, 5] = 7.0
     v[4, 0, 0, 0] = -1.0
-    assert c.kv[2, 1, 0, 3, 1, 5] == 7.0 and c.kv[4, 1, 1, 0, 0, 0] == -1.0
+    assert c.kv[1, 2, 0, 3, 1, 5] == 7.0 and c.kv[1, 4, 1, 0, 0, 0] == -1.0
     assert c.layer(1)[0] is k                         # the same views every step
+    # a layer's blocks lie within num_blocks * layer_block_bytes of each other
+    last = c.layer(2)[1]
+    assert last[4].data_ptr() + c.layer_block_bytes // 2 - c.layer(2)[0][0].data_ptr() == \
+        5 * c.layer_block_bytes
 
 
 def test_copy_blocks_copies_every_layer_in_order():
     c = KVCache(4, **SMALL)
     for b in range(4):
-        c.kv[b] = float(b + 1)
+        c.kv[:, b] = float(b + 1)
     c.copy_blocks([(0, 1), (1, 2), (3, 3)])           # sequential: 2 receives 1's new content
-    assert [c.kv[b].unique().tolist() for b in range(4)] == [[1.0], [1.0], [1.0], [4.0]]
+    assert [c.kv[:, b].unique().tolist() for b in range(4)] == [[1.0], [1.0], [1.0], [4.0]]
     with pytest.raises(IndexError):
         c.copy_blocks([(0, 4)])
 
 
-def test_block_view_is_the_blocks_bytes():
+def test_block_pieces_are_the_blocks_bytes_layer_by_layer():
     c = KVCache(3, dtype="bfloat16", **SMOL)
-    view = c.block_view(1)
-    assert view.dtype == torch.uint8 and view.numel() == c.block_bytes == 368640
-    view.numpy()[:] = 0x3F                            # swap-in writes through the view
-    assert (c.kv[1] != 0).all() and not c.kv[0].any() and not c.kv[2].any()
-    # block bytes are a page multiple and the arena is page aligned: O_DIRECT-ready
-    assert view.data_ptr() % 4096 == 0
+    pieces = c.block_pieces(1)
+    assert len(pieces) == 30 and all(len(p) == c.layer_block_bytes == 12288 for p in pieces)
+    assert sum(len(p) for p in pieces) == c.block_bytes == 368640
+    for layer, piece in enumerate(pieces):            # swap-in writes through the pieces
+        piece[:] = bytes([layer + 1]) * len(piece)
+    assert not c.kv[:, 0].any() and not c.kv[:, 2].any()
+    # the concatenation is the block in swapfs's order [layers, 2, block, kv_heads, head_dim]
+    k5, v5 = c.layer(5)
+    assert bytes(pieces[5]) == k5[1].contiguous().view(torch.uint8).numpy().tobytes() + \
+        v5[1].contiguous().view(torch.uint8).numpy().tobytes()
+    # pieces of a page-multiple size in a 2 MiB-aligned arena: O_DIRECT-ready
+    assert all(is_direct_io_capable(p) for p in pieces)
     with pytest.raises(IndexError):
-        c.block_view(3)
+        c.block_pieces(3)
 
 
 def test_sizing_from_a_budget():

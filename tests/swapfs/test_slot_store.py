@@ -149,3 +149,59 @@ def test_runs_of_consecutive_slots_are_one_request_each_and_writes_can_stay_in_f
     assert store.read([(s, 7, memoryview(o)) for s, o in zip(order, outs)]) == [None] * 6
     assert store.scheduler.statistics().requests_by_priority["KV_SWAP_IN"] - before == 3
     assert all((o == payload(s)).all() for s, o in zip(order, outs))
+
+
+def test_pieces_round_trip_zero_copy_and_bounced(store):
+    """A payload given as pieces (the layer-major arena gives one per layer) is stored as
+    their concatenation: it reads back whole or in other pieces, with the same checksum as
+    the contiguous bytes. Aligned pieces go to the kernel as they are, one vectored request
+    per run; unaligned ones bounce."""
+    half = BB // 2
+    with AlignedBuffer(4 * BB) as arena:
+        # two "layers", each holding the blocks side by side: block i = [layer0[i], layer1[i]]
+        layers = [arena.view[l * 2 * BB:(l + 1) * 2 * BB] for l in range(2)]
+        pieces = [[layers[l][i * half:(i + 1) * half] for l in range(2)] for i in range(4)]
+        for i, ps in enumerate(pieces):
+            whole = payload(("p", i)).tobytes()
+            ps[0][:], ps[1][:] = whole[:half], whole[half:]
+        before = store.scheduler.statistics().requests_by_priority["KV_WRITE_BACK"]
+        crcs = store.write([(4 + i, 3, ps) for i, ps in enumerate(pieces)])
+        assert store.scheduler.statistics().requests_by_priority["KV_WRITE_BACK"] - before == 2
+        contiguous = store.write([(12, 3, memoryview(payload(("p", 0))))])
+        assert crcs[0] == contiguous[0]                 # the checksum of the concatenation
+        for i in range(4):
+            out, err = _read_one(store, 4 + i, 3)
+            assert err is None and (out == payload(("p", i))).all()
+        # read into aligned pieces (zero copy) and into unaligned pieces (bounced)
+        for ps in pieces:
+            ps[0][:] = bytes(half)
+            ps[1][:] = bytes(half)
+        assert store.read([(4 + i, 3, ps) for i, ps in enumerate(pieces)]) == [None] * 4
+        assert all(bytes(ps[0]) + bytes(ps[1]) == payload(("p", i)).tobytes()
+                   for i, ps in enumerate(pieces))
+        odd = np.zeros(BB + 1, dtype=np.uint8)[1:]
+        odd_pieces = [memoryview(odd[:100]), memoryview(odd[100:])]
+        assert store.read([(5, 3, odd_pieces)]) == [None]
+        assert (odd == payload(("p", 1))).all()
+        store.write([(13, 4, odd_pieces)])             # unaligned pieces written (bounced)
+        out, err = _read_one(store, 13, 4)
+        assert err is None and (out == payload(("p", 1))).all()
+        del layers, pieces, ps
+
+
+def test_corrupt_piece_is_detected(store):
+    with AlignedBuffer(BB) as buf:
+        ps = [buf.view[:BB // 2], buf.view[BB // 2:BB]]
+        ps[0][:], ps[1][:] = payload(1).tobytes()[:BB // 2], payload(1).tobytes()[BB // 2:]
+        store.write([(2, 1, ps)])
+        _poke(store, SUPER_BYTES + 2 * store.stride + HEADER_BYTES + BB - 3, b"\x01\x02")
+        err = store.read([(2, 1, ps)])[0]
+        assert isinstance(err, SlotCorruptError) and "checksum" in str(err)
+        del ps
+
+
+def test_pieces_of_the_wrong_total_length_are_refused(store):
+    with pytest.raises(ValueError, match="bytes"):
+        store.write([(0, 1, [memoryview(payload(0))[:10], memoryview(payload(0))])])
+    with pytest.raises(ValueError, match="empty piece"):
+        store.write([(0, 1, [memoryview(b""), memoryview(payload(0))])])

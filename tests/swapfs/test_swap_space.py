@@ -49,6 +49,24 @@ def test_swap_out_and_in_from_a_torch_arena(space):
         space.swap_in(handles[:1], [kv[0]])
 
 
+def test_swap_out_and_in_from_a_layer_major_arena(space):
+    """The engine's arena is layer-major: a block is one piece per layer, moved zero-copy."""
+    from kvmm_daemon.kv.kv_cache import KVCache
+    kv = KVCache(6, num_layers=LAYOUT.num_layers, block_size=LAYOUT.block_size,
+                 num_kv_heads=LAYOUT.num_kv_heads, head_dim=LAYOUT.head_dim)
+    kv.kv[:, :3] = torch.randn(LAYOUT.num_layers, 3, *KV_SHAPE[1:])
+    want = kv.kv[:, :3].clone()
+    handles = space.swap_out([kv.block_pieces(b) for b in range(3)])
+    kv.kv[:, :3] = 0
+    space.swap_in(handles, [kv.block_pieces(3 + b) for b in range(3)])
+    assert torch.equal(kv.kv[:, 3:6], want)
+    # the slot holds the block as the block-major arena held it: [layers, 2, ...] in order
+    out = np.zeros(BB, dtype=np.uint8)
+    hs = space.swap_out([kv.block_pieces(3)])
+    space.swap_in(hs, [out])
+    assert torch.equal(torch.from_numpy(out).view(torch.float32).view(KV_SHAPE), want[:, 0])
+
+
 def test_swap_in_without_release_then_free_is_idempotent(space):
     handles = space.swap_out(_blocks(range(2)))
     out = [np.zeros(BB, np.uint8) for _ in range(2)]
