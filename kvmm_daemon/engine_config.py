@@ -26,6 +26,7 @@ class EngineConfig:
     max_num_seqs: int = 64                 # sequences running at once
     max_num_batched_tokens: int = 512      # per-step token budget (chunked prefill)
     kv_dtype: str = "float32"
+    kv_layers_per_piece: int | None = None   # KV arena layout (kv_cache.py); None = its default
     threads: int | None = None             # torch intra-op threads; None = all cores
     linear_mode: str = "auto"              # how quantized weights are multiplied
     swap_dir: str | None = None            # swapfs directory (flash tier); None = no flash tier

@@ -8,9 +8,8 @@ already written), preadv/pwritev of 1, 2 and 4 MiB requests (and the scheduler's
 size) from half and all of --threads threads; the best configuration counts. SwapSpace
 moves blocks of
 SmolLM2's geometry (30 layers x 16 tokens x 3 KV heads x 64 x fp32 = 720 KiB) from and into
-a huge-page arena laid out as the engine's (--arena layer-major, the default: a block is 30
-pieces of 24 KiB, one per layer, moved by one vectored request; block-major: one 720 KiB
-range, the layout before) the way the engine will (a batch per preempted request), paying
+a huge-page arena laid out as the engine's (--layers-per-piece G: a block is 30/G pieces of
+G x 24 KiB, moved by one vectored request; G = 30 is block-major, one 720 KiB range) the way the engine will (a batch per preempted request), paying
 for its slot headers and checksums (xxh3-64 when the xxhash package is installed, else crc32c or
 zlib's crc32, which is CPU-bound below this VM's I/O rate). Each figure is the best of
 --repeats rounds; rounds interleave plain and swap runs so that drift of the device hits
@@ -29,6 +28,7 @@ import numpy as np
 
 from iosched import DeviceProfile, IOScheduler
 from iosched.aligned_buffer import AlignedBuffer
+from kvmm_daemon.kv.kv_cache import default_layers_per_piece
 from swapfs.layout import KVLayout
 from swapfs.slot_store import SUPER_BYTES, slot_stride
 from swapfs.swap_space import SLOT_FILE, SwapSpace
@@ -50,9 +50,10 @@ def register_args(parser: argparse.ArgumentParser) -> None:
                              " the plain runs try half of it and all of it")
     parser.add_argument("--request-mib", type=int, default=4,
                         help="the swap scheduler's request size in MiB (default 4)")
-    parser.add_argument("--arena", default="layer-major", choices=("layer-major", "block-major"),
-                        help="how blocks lie in the arena (default layer-major, as the engine's"
-                             " KVCache: one piece per layer)")
+    parser.add_argument("--layers-per-piece", type=int, default=None,
+                        help="the arena's layout, as the engine's KVCache: layers per piece of a"
+                             " block (1 = layer-major, 30 pieces; 30 = block-major, one range;"
+                             " default: the engine's default, EngineConfig.kv_layers_per_piece)")
     parser.add_argument("--backend", default=os.environ.get("KVMM_IOSCHED_BACKEND", "auto"),
                         choices=("auto", "io_uring", "preadv"),
                         help="the swap scheduler's backend (default auto, as the engine)")
@@ -88,7 +89,8 @@ def run_swap_bench(args: argparse.Namespace) -> dict:
     try:
         np.frombuffer(arena.view, dtype=np.uint8)[:total] = \
             np.random.default_rng(0).integers(0, 256, total, dtype=np.uint8)
-        blocks = _blocks(arena.view, nblocks, layout, args.arena)
+        blocks = _blocks(arena.view, nblocks, layout,
+                         args.layers_per_piece or default_layers_per_piece(layout.num_layers))
         request = args.request_mib << 20
         sched = IOScheduler(backend=args.backend, name="bench-swap", profile=DeviceProfile(
             queue_depth=args.threads, request_bytes=request, read_bandwidth=0.0,
@@ -140,7 +142,8 @@ def run_swap_bench(args: argparse.Namespace) -> dict:
         "persist_gbps": persist / gb, "commit_seconds": stats.commit_seconds,
         "block_bytes": bb, "bytes_per_round": total, "batch_blocks": args.batch_blocks,
         "io_threads": args.threads, "request_bytes": args.request_mib << 20,
-        "arena": args.arena, "pieces_per_block": layout.num_layers if args.arena == "layer-major" else 1,
+        "layers_per_piece": args.layers_per_piece or default_layers_per_piece(layout.num_layers),
+        "pieces_per_block": layout.num_layers // (args.layers_per_piece or default_layers_per_piece(layout.num_layers)),
         "backend": backend, "repeats": args.repeats, "direct_io": stats.direct_io,
         "checksum": space_checksum,
         "arena_huge_page_fraction": huge / arena.nbytes, "file_system_dir": base,
@@ -149,15 +152,18 @@ def run_swap_bench(args: argparse.Namespace) -> dict:
     return result
 
 
-def _blocks(view: memoryview, nblocks: int, layout: KVLayout, arena: str) -> list:
-    """Each block's buffer in an arena of `nblocks`: one range (block-major) or, as the
-    engine's layer-major KVCache gives them, its pieces, one per layer in layer order."""
+def _blocks(view: memoryview, nblocks: int, layout: KVLayout, layers_per_piece: int) -> list:
+    """Each block's buffer in an arena of `nblocks` laid out as the engine's KVCache with
+    `layers_per_piece` (kv_cache.py): one range when that is every layer (block-major), else
+    its pieces in layer order."""
+    if layout.num_layers % layers_per_piece:
+        raise SystemExit(f"--layers-per-piece {layers_per_piece} must divide {layout.num_layers}")
     bb = layout.block_bytes
-    if arena == "block-major":
+    if layers_per_piece == layout.num_layers:
         return [view[i * bb:(i + 1) * bb] for i in range(nblocks)]
-    piece = bb // layout.num_layers
-    return [[view[(l * nblocks + i) * piece:(l * nblocks + i + 1) * piece]
-             for l in range(layout.num_layers)] for i in range(nblocks)]
+    piece = bb // layout.num_layers * layers_per_piece
+    return [[view[(g * nblocks + i) * piece:(g * nblocks + i + 1) * piece]
+             for g in range(layout.num_layers // layers_per_piece)] for i in range(nblocks)]
 
 
 def _swap_round(space: SwapSpace, batches) -> tuple[float, float]:
@@ -183,7 +189,7 @@ def _persist_round(space: SwapSpace, batch) -> float:
 
 def _print_table(r: dict) -> None:
     print(f"kvmm bench swap: {r['bytes_per_round'] >> 20} MiB per direction, blocks of"
-          f" {r['block_bytes']} B in {r['pieces_per_block']} piece(s) ({r['arena']} arena),"
+          f" {r['block_bytes']} B in {r['pieces_per_block']} piece(s) ({r['layers_per_piece']} layers per piece),"
           f" {r['batch_blocks']} blocks per call, {r['io_threads']}"
           f" in flight, {r['request_bytes'] >> 20} MiB requests, best of {r['repeats']}")
     print(f"swap scheduler: {r['backend']}")

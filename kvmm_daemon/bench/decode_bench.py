@@ -69,7 +69,7 @@ def attention_grid(spec, args: argparse.Namespace) -> dict:
     return paging_overhead(geo, batches=_ints(args.attention_batches),
                            contexts=_ints(args.attention_contexts),
                            threads=_ints(args.attention_threads), rounds=args.attention_rounds,
-                           layers=args.attention_layers)
+                           layers=args.attention_layers, layers_per_piece=args.kv_layers_per_piece)
 
 
 def _ints(text: str) -> list[int]:
@@ -115,6 +115,9 @@ def register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-threads", default="1,2", help="thread counts of the grid")
     p.add_argument("--attention-rounds", type=int, default=4,
                    help="interleaved rounds of 10 calls per variant; the best call counts")
+    p.add_argument("--kv-layers-per-piece", type=int, default=None,
+                   help="the KV arena's layers per piece of a block (1 = layer-major, the model's layer"
+                        " count = block-major; default: the engine's)")
     p.add_argument("--attention-layers", type=int, default=8,
                    help="layers taken in turn, call after call, as a decode step does (1: the"
                         " same layer every call, cache-hot)")

@@ -182,7 +182,7 @@ def measure_cell(kv: KVCache, layers: Sequence[int], geo: Geometry, batch: int,
 def paging_overhead(geo: Geometry, *, batches: Sequence[int] = (1, 8, 32),
                     contexts: Sequence[int] = (256, 1024, 2048),
                     threads: Sequence[int] = (1, 2), rounds: int = 4, reps: int = 10,
-                    layers: int = 8, seed: int = 0) -> dict:
+                    layers: int = 8, seed: int = 0, layers_per_piece: int | None = None) -> dict:
     """The grid: one row per (threads, batch, context), and the worst overhead per path.
 
     The arena is one KVCache with room for the largest cell plus one block per sequence
@@ -191,7 +191,8 @@ def paging_overhead(geo: Geometry, *, batches: Sequence[int] = (1, 8, 32),
     blocks_per_seq = -(-max(contexts) // geo.block_size)
     num_blocks = max(batches) * (blocks_per_seq + 1)
     kv = KVCache(num_blocks, num_layers=geo.num_layers, block_size=geo.block_size,
-                 num_kv_heads=geo.num_kv_heads, head_dim=geo.head_dim, dtype=geo.dtype)
+                 num_kv_heads=geo.num_kv_heads, head_dim=geo.head_dim, dtype=geo.dtype,
+                 layers_per_piece=layers_per_piece)
     if not 1 <= layers <= geo.num_layers:
         raise ValueError(f"layers={layers}: take 1 to the model's {geo.num_layers} layers")
     picked = sorted({i * geo.num_layers // layers for i in range(layers)})
@@ -213,7 +214,7 @@ def paging_overhead(geo: Geometry, *, batches: Sequence[int] = (1, 8, 32),
     paths = [name for name in ("native", "torch") if name in rows[0]]
     worst = {name: max(r[name]["overhead"] for r in rows) for name in paths}
     return {"rows": rows, "worst_overhead": worst, "goal": GOAL,
-            "arena": {"num_blocks": kv.num_blocks, "layers_in_turn": picked,
+            "arena": {"num_blocks": kv.num_blocks, "layers_per_piece": kv.layers_per_piece, "layers_in_turn": picked,
                       "block_stride_bytes": kv.layer(0)[0].stride(0) * kv.dtype.itemsize,
                       "huge_page_fraction": kv.huge_page_fraction()},
             "rounds": rounds, "reps": reps}

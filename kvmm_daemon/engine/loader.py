@@ -30,7 +30,8 @@ def build_engine_parts(cfg: EngineConfig, io=None):
     model = LlamaModel(spec, weights, max_positions=max_model_len)
     kv_cache = KVCache.from_budget(cfg.kv_budget, max_model_len=max_model_len, num_layers=spec.num_layers,
                                    block_size=cfg.block_size, num_kv_heads=spec.num_kv_heads,
-                                   head_dim=spec.head_dim, dtype=cfg.kv_dtype)
+                                   head_dim=spec.head_dim, dtype=cfg.kv_dtype,
+                                   layers_per_piece=cfg.kv_layers_per_piece)
     kv = KVCacheManager(BlockPool(kv_cache.num_blocks), cfg.block_size, spec.model_id)
     return model_file, ModelRunner(model, kv_cache, threads=cfg.threads), kv
 

@@ -1,20 +1,25 @@
 """KVCache: the preallocated tensor arena that holds every KV block.
 
-One tensor `kv` of shape [num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim],
-allocated once and sized from a byte budget. Layer-major order gives each layer a compact
-region of its own, as vLLM's per-layer KV tensors do: layer l's K and V caches are views
-`kv[l, :, 0]`, `kv[l, :, 1]` of shape [num_blocks, block_size, num_kv_heads, head_dim]
-(inner three dims contiguous, block stride 2 * block_size * H * D), so the blocks a decode
-step reads for one layer lie within num_blocks * `layer_block_bytes` bytes, however
-scattered their ids. (The block-major order this replaced, one block of all layers in one
-range, spread a layer's blocks over the whole arena: a 3 GiB arena made a batch-32 decode
-touch a different huge page per block and layer, 1.2-1.5x the time of the same kernel on
-the same data in order; `kvmm bench decode` measures it.)
+One tensor `kv` of shape [L/G, num_blocks, G, 2, block_size, num_kv_heads, head_dim]
+(L layers, G = `layers_per_piece`, a divisor of L), allocated once and sized from a byte
+budget. Layer l's K and V caches are views `kv[l // G, :, l % G, 0]` and `[..., 1]` of
+shape [num_blocks, block_size, num_kv_heads, head_dim] (inner three dims contiguous, block
+stride G * 2 * block_size * H * D); kernels accept any block stride. One block is L/G
+pieces of G layers each (`block_pieces`, in layer order); their concatenation is the block
+as the flash tier stores it ([L, 2, block_size, kv_heads, head_dim]), so swapfs moves a
+block with one vectored request over its pieces, without a copy, and slot files and exports
+do not depend on G.
 
-One block is therefore num_layers ranges of `layer_block_bytes`, one per layer (its K
-then V); `block_pieces` gives them in layer order, and their concatenation is the block as
-the flash tier stores it ([num_layers, 2, block_size, kv_heads, head_dim]): swapfs moves a
-block with one vectored request over its pieces, without a copy.
+G trades attention locality against swap bandwidth (measured 2026-12-03 on a quiet 2-core
+machine, `kvmm bench decode --attention-only --kv-layers-per-piece G` and `kvmm bench swap
+--layers-per-piece G`, two runs each; SmolLM2, 30 layers):
+  G = 1 (layer-major, as vLLM's per-layer tensors): a layer's blocks lie together; worst
+        paged/contiguous cell of the native kernel 1.15-1.18; swap 0.68-0.73 write /
+        0.65-0.67 read of plain O_DIRECT (30 iovecs per block: the kernel maps each).
+  G = 3: 1.16-1.22; swap 0.81-0.83 / 0.75-0.77.
+  G = L (block-major, one range per block, the default): 1.18-1.27; swap 0.85-0.88 / 0.77.
+The default keeps the swap tier's bandwidth (the weights issue's goal) and pays ~0.05-0.1
+of attention in the worst cell; `kv_layers_per_piece` in EngineConfig chooses otherwise.
 
 On CPU the arena is an iosched AlignedBuffer: anonymous, 2 MiB aligned (so pieces of a
 page-multiple size suit O_DIRECT), advised to use transparent huge pages, and populated
@@ -35,6 +40,11 @@ from kvmm_daemon.errors import ConfigError
 from kvmm_daemon.sizes import format_size
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_layers_per_piece(num_layers: int) -> int:
+    """The arena layout the engine uses unless configured (see the module docstring)."""
+    return num_layers
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -63,12 +73,18 @@ class KVCache:
 
     def __init__(self, num_blocks: int, *, num_layers: int, block_size: int,
                  num_kv_heads: int, head_dim: int, dtype: torch.dtype | str = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", layers_per_piece: int | None = None) -> None:
         for name, value in (("num_blocks", num_blocks), ("num_layers", num_layers),
                             ("block_size", block_size), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if layers_per_piece is None:
+            layers_per_piece = default_layers_per_piece(num_layers)
+        if not isinstance(layers_per_piece, int) or layers_per_piece <= 0 or num_layers % layers_per_piece:
+            raise ConfigError(f"kv layers_per_piece {layers_per_piece!r} must divide the model's "
+                              f"{num_layers} layers (1 = layer-major, {num_layers} = block-major)")
+        self.layers_per_piece = layers_per_piece
         self.num_blocks = num_blocks
         self.num_layers = num_layers
         self.block_size = block_size
@@ -76,7 +92,8 @@ class KVCache:
         self.head_dim = head_dim
         self.dtype = _as_dtype(dtype)
         self.device = torch.device(device)
-        shape = (num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim)
+        g = layers_per_piece
+        shape = (num_layers // g, num_blocks, g, 2, block_size, num_kv_heads, head_dim)
         self._buffer: AlignedBuffer | None = None
         self._bytes: memoryview | None = None
         if self.device.type == "cpu":
@@ -88,7 +105,7 @@ class KVCache:
             self.kv = raw.view(self.dtype).view(shape)
         else:
             self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self._layers = [(self.kv[l, :, 0], self.kv[l, :, 1]) for l in range(num_layers)]
+        self._layers = [(self.kv[l // g, :, l % g, 0], self.kv[l // g, :, l % g, 1]) for l in range(num_layers)]
 
     # --- sizing --------------------------------------------------------------------------
 
@@ -129,12 +146,12 @@ class KVCache:
     def from_budget(cls, budget_bytes: int, *, max_model_len: int, num_layers: int,
                     block_size: int, num_kv_heads: int, head_dim: int,
                     dtype: torch.dtype | str = torch.float32,
-                    device: str | torch.device = "cpu") -> KVCache:
+                    device: str | torch.device = "cpu", layers_per_piece: int | None = None) -> KVCache:
         """Check the budget (see `check_budget`) and allocate the largest arena within it."""
         layout = dict(num_layers=num_layers, block_size=block_size, num_kv_heads=num_kv_heads,
                       head_dim=head_dim, dtype=dtype)
         num_blocks = cls.check_budget(budget_bytes, max_model_len=max_model_len, **layout)
-        return cls(num_blocks, device=device, **layout)
+        return cls(num_blocks, device=device, layers_per_piece=layers_per_piece, **layout)
 
     @property
     def block_bytes(self) -> int:
@@ -144,8 +161,13 @@ class KVCache:
 
     @property
     def layer_block_bytes(self) -> int:
-        """Bytes of one block in one layer (K and V): one piece of `block_pieces`."""
+        """Bytes of one block in one layer (K and V)."""
         return self.block_bytes // self.num_layers
+
+    @property
+    def piece_bytes(self) -> int:
+        """Bytes of one piece of `block_pieces`: one block in `layers_per_piece` layers."""
+        return self.layer_block_bytes * self.layers_per_piece
 
     @property
     def nbytes(self) -> int:
@@ -161,7 +183,7 @@ class KVCache:
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of one layer, each [num_blocks, block_size, num_kv_heads,
-        head_dim], views into the arena (block stride 2*block_size*H*D)."""
+        head_dim], views into the arena (block stride layers_per_piece*2*block_size*H*D)."""
         return self._layers[layer]
 
     def copy_blocks(self, pairs: Iterable[tuple[int, int]]) -> None:
@@ -173,14 +195,16 @@ class KVCache:
                 self.kv[:, dst].copy_(self.kv[:, src])
 
     def block_pieces(self, block_id: int) -> list[memoryview]:
-        """The bytes of one block: num_layers writable memoryviews of `layer_block_bytes`
-        sharing the arena's memory, in layer order; their concatenation is the block as
-        swapfs stores it. CPU arenas only (the flash tier's buffers are host memory)."""
+        """The bytes of one block: num_layers / layers_per_piece writable memoryviews of
+        `piece_bytes` sharing the arena's memory, in layer order; their concatenation is the
+        block as swapfs stores it. CPU arenas only (the flash tier's buffers are host memory)."""
         if not 0 <= block_id < self.num_blocks:
             raise IndexError(f"block {block_id} outside 0..{self.num_blocks - 1}")
         if self._bytes is None:
             raise ValueError(f"block_pieces needs a CPU arena; this one is on {self.device}")
-        piece, layer_bytes = self.layer_block_bytes, self.num_blocks * self.layer_block_bytes
+        piece = self.piece_bytes
+        group_bytes = self.num_blocks * piece           # one group of layers, every block
         first = block_id * piece
+        groups = self.num_layers // self.layers_per_piece
         return [self._bytes[start:start + piece]
-                for start in range(first, first + self.num_layers * layer_bytes, layer_bytes)]
+                for start in range(first, first + groups * group_bytes, group_bytes)]

@@ -9,9 +9,11 @@ SMOL = dict(num_layers=30, block_size=16, num_kv_heads=3, head_dim=64)   # SmolL
 SMALL = dict(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8)
 
 
-def test_arena_shape_zeroed_and_contiguous():
-    c = KVCache(5, **SMALL)
-    assert c.kv.shape == (3, 5, 2, 4, 2, 8) and c.kv.is_contiguous()   # layer-major
+@pytest.mark.parametrize("g", [1, 3])
+def test_arena_shape_zeroed_and_contiguous(g):
+    c = KVCache(5, layers_per_piece=g, **SMALL)
+    assert c.kv.shape == (3 // g, 5, g, 2, 4, 2, 8) and c.kv.is_contiguous()
+    assert KVCache(5, **SMALL).layers_per_piece == 3                 # block-major by default
     assert c.kv.dtype == torch.float32 and c.kv.device.type == "cpu"
     assert not c.kv.any()
     assert c.block_bytes == 3 * 2 * 4 * 2 * 8 * 4 and c.nbytes == 5 * c.block_bytes
@@ -19,19 +21,20 @@ def test_arena_shape_zeroed_and_contiguous():
     assert c.huge_page_fraction() is not None
 
 
-def test_layer_views_alias_the_arena():
-    c = KVCache(5, **SMALL)
+@pytest.mark.parametrize("g", [1, 3])
+def test_layer_views_alias_the_arena(g):
+    c = KVCache(5, layers_per_piece=g, **SMALL)
     k, v = c.layer(1)
     assert k.shape == v.shape == (5, 4, 2, 8)
-    assert k.stride() == (2 * 4 * 2 * 8, 16, 8, 1)      # a layer's blocks side by side
+    assert k.stride() == (g * 2 * 4 * 2 * 8, 16, 8, 1)  # blocks g layers apart
     k[2, 3, 1, 5] = 7.0
     v[4, 0, 0, 0] = -1.0
-    assert c.kv[1, 2, 0, 3, 1, 5] == 7.0 and c.kv[1, 4, 1, 0, 0, 0] == -1.0
+    assert c.kv[1 // g, 2, 1 % g, 0, 3, 1, 5] == 7.0 and c.kv[1 // g, 4, 1 % g, 1, 0, 0, 0] == -1.0
     assert c.layer(1)[0] is k                         # the same views every step
-    # a layer's blocks lie within num_blocks * layer_block_bytes of each other
+    # a layer's blocks lie within num_blocks * piece_bytes of each other
     last = c.layer(2)[1]
     assert last[4].data_ptr() + c.layer_block_bytes // 2 - c.layer(2)[0][0].data_ptr() == \
-        5 * c.layer_block_bytes
+        4 * c.piece_bytes + c.layer_block_bytes
 
 
 def test_copy_blocks_copies_every_layer_in_order():
@@ -44,18 +47,22 @@ def test_copy_blocks_copies_every_layer_in_order():
         c.copy_blocks([(0, 4)])
 
 
-def test_block_pieces_are_the_blocks_bytes_layer_by_layer():
-    c = KVCache(3, dtype="bfloat16", **SMOL)
+@pytest.mark.parametrize("g", [1, 3, 30])
+def test_block_pieces_are_the_blocks_bytes_layer_by_layer(g):
+    c = KVCache(3, dtype="bfloat16", layers_per_piece=g, **SMOL)
     pieces = c.block_pieces(1)
-    assert len(pieces) == 30 and all(len(p) == c.layer_block_bytes == 12288 for p in pieces)
+    assert len(pieces) == 30 // g and all(len(p) == c.piece_bytes == g * 12288 for p in pieces)
     assert sum(len(p) for p in pieces) == c.block_bytes == 368640
-    for layer, piece in enumerate(pieces):            # swap-in writes through the pieces
-        piece[:] = bytes([layer + 1]) * len(piece)
+    for i, piece in enumerate(pieces):                # swap-in writes through the pieces
+        piece[:] = bytes([i + 1]) * len(piece)
     assert not c.kv[:, 0].any() and not c.kv[:, 2].any()
     # the concatenation is the block in swapfs's order [layers, 2, block, kv_heads, head_dim]
-    k5, v5 = c.layer(5)
-    assert bytes(pieces[5]) == k5[1].contiguous().view(torch.uint8).numpy().tobytes() + \
-        v5[1].contiguous().view(torch.uint8).numpy().tobytes()
+    block = b"".join(bytes(p) for p in pieces)
+    layer = 12288
+    for l in (0, 5, 29):
+        k, v = c.layer(l)
+        assert block[l * layer:(l + 1) * layer] == k[1].contiguous().view(torch.uint8).numpy().tobytes() + \
+            v[1].contiguous().view(torch.uint8).numpy().tobytes()
     # pieces of a page-multiple size in a 2 MiB-aligned arena: O_DIRECT-ready
     assert all(is_direct_io_capable(p) for p in pieces)
     with pytest.raises(IndexError):
@@ -86,6 +93,8 @@ def test_from_budget_allocates_the_largest_arena():
 
 
 def test_bad_layout():
+    with pytest.raises(ConfigError, match="layers_per_piece 2 must divide the model's 3 layers"):
+        KVCache(1, layers_per_piece=2, **SMALL)
     with pytest.raises(ConfigError, match="kv_dtype 'int8'"):
         KVCache(1, dtype="int8", **SMALL)
     with pytest.raises(ValueError, match="num_blocks"):

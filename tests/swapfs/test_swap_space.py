@@ -49,22 +49,24 @@ def test_swap_out_and_in_from_a_torch_arena(space):
         space.swap_in(handles[:1], [kv[0]])
 
 
-def test_swap_out_and_in_from_a_layer_major_arena(space):
-    """The engine's arena is layer-major: a block is one piece per layer, moved zero-copy."""
+@pytest.mark.parametrize("g", [1, 2])
+def test_swap_out_and_in_from_the_engines_arena(space, g):
+    """The engine's arena gives a block as num_layers / g pieces, moved zero-copy."""
     from kvmm_daemon.kv.kv_cache import KVCache
     kv = KVCache(6, num_layers=LAYOUT.num_layers, block_size=LAYOUT.block_size,
-                 num_kv_heads=LAYOUT.num_kv_heads, head_dim=LAYOUT.head_dim)
-    kv.kv[:, :3] = torch.randn(LAYOUT.num_layers, 3, *KV_SHAPE[1:])
+                 num_kv_heads=LAYOUT.num_kv_heads, head_dim=LAYOUT.head_dim, layers_per_piece=g)
+    kv.kv[:, :3] = torch.randn(kv.kv[:, :3].shape)
     want = kv.kv[:, :3].clone()
     handles = space.swap_out([kv.block_pieces(b) for b in range(3)])
     kv.kv[:, :3] = 0
     space.swap_in(handles, [kv.block_pieces(3 + b) for b in range(3)])
     assert torch.equal(kv.kv[:, 3:6], want)
-    # the slot holds the block as the block-major arena held it: [layers, 2, ...] in order
+    # the slot holds the block as [layers, 2, ...] in order, whatever the arena's g
     out = np.zeros(BB, dtype=np.uint8)
     hs = space.swap_out([kv.block_pieces(3)])
     space.swap_in(hs, [out])
-    assert torch.equal(torch.from_numpy(out).view(torch.float32).view(KV_SHAPE), want[:, 0])
+    block0 = torch.stack([torch.stack(kv.layer(l))[:, 3] for l in range(LAYOUT.num_layers)])
+    assert torch.equal(torch.from_numpy(out).view(torch.float32).view(KV_SHAPE), block0)
 
 
 def test_swap_in_without_release_then_free_is_idempotent(space):
