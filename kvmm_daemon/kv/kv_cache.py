@@ -26,8 +26,9 @@ page-multiple size suit O_DIRECT), advised to use transparent huge pages, and po
 (zero filled) at start so every page is resident and the hot path never faults. Its
 rounding up to whole 2 MiB pages is the arena's only overhead beyond the budget. Prior art:
 vLLM's per-layer KV tensors and `check_enough_kv_cache_memory`; nano-vllm
-`ModelRunner.allocate_kv_cache` (one tensor for all layers, layer-major). Left out: mlock
-(systemd's LimitMEMLOCK decides; the budget is hard anyway) and quantized KV.
+`ModelRunner.allocate_kv_cache` (one tensor for all layers, layer-major). `lock()` pins the
+arena (mlock2 MLOCK_ONFAULT, as the weight pool) where RLIMIT_MEMLOCK allows, so the host
+never swaps KV out behind kvmm's own flash tier. Left out: quantized KV.
 """
 from __future__ import annotations
 
@@ -172,6 +173,14 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.num_blocks * self.block_bytes
+
+    def lock(self) -> str | None:
+        """Pin the CPU arena in RAM (its pages are already resident). Returns None when
+        locked, else why not (the refusal names LimitMEMLOCK); off CPU there is nothing to
+        lock and None is returned."""
+        if self._buffer is None or self._buffer.lock():
+            return None
+        return self._buffer.lock_error
 
     def huge_page_fraction(self) -> float | None:
         """The share of the CPU arena backed by huge pages now (None off CPU)."""

@@ -99,3 +99,10 @@ def test_bad_layout():
         KVCache(1, dtype="int8", **SMALL)
     with pytest.raises(ValueError, match="num_blocks"):
         KVCache(0, **SMALL)
+
+
+def test_lock_pins_the_arena():
+    # a 2 MiB arena is within the usual 8 MiB RLIMIT_MEMLOCK (and root has CAP_IPC_LOCK);
+    # a refusal's message is tested with the allocator (tests/iosched/test_aligned_buffer.py)
+    c = KVCache(4, **SMALL)
+    assert c.lock() is None and c._buffer.locked
