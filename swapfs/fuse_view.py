@@ -3,7 +3,7 @@
   /sessions/<id>/meta.json   the session's description (owner, token ids, sizes, times)
   /sessions/<id>/kv.bin      its export file (see export_format.py): `cp` exports it
   /prefixes/<hash>/meta.json a prefix-cache block: hash, slot, times
-  /prefixes/<hash>/kv.bin    its raw KV bytes (the engine's kv[block] layout)
+  /prefixes/<hash>/kv.bin    its raw KV bytes ([layers, 2, block_size, kv_heads, head_dim] per block)
   /import/<name>             write an export file here to restore it as session <name>;
                              every field is checked (import_check.py): a bad file fails
                              write/close with EINVAL, one over the uid's quota with EDQUOT,
