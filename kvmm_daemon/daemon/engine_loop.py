@@ -189,15 +189,15 @@ class EngineLoop:
         fewer than HOLD_MIN_CATCH of the last HOLD_WINDOW holds caught a request, only every
         HOLD_PROBE_EVERY-th is made (`_holding_pays`). `statistics()` reports the holds, their
         time, their catch and the skipped ones."""
-        deadline = time.monotonic() + self.admit_wait_s
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
+        deadline = t0 + self.admit_wait_s
         while self._arrivals < finished and not self._stopping:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             self._cv.wait(remaining)
         self._admit_waits += 1
-        self._admit_wait_total += time.perf_counter() - t0
+        self._admit_wait_total += time.monotonic() - t0
         self._admit_arrivals += self._arrivals
         self._recent_holds.append(self._arrivals > 0)
 

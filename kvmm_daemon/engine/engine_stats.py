@@ -31,7 +31,7 @@ class EngineStats:
     @classmethod
     def collect(cls, engine) -> EngineStats:
         pool = asdict(engine.kv.pool.statistics())
-        pool["locked"] = getattr(engine.runner.kv_cache, "lock_error", None) is None   # in RAM (mlock)
+        pool["locked"] = engine.runner.kv_cache.locked      # pinned in RAM (mlock)
         sched = engine.scheduler.statistics()
         sessions = tuple(SessionInfo(s.session_id, s.owner, len(s.token_ids), s.seq_id is not None,
                                      s.busy, s.last_used) for s in engine.sessions.values())

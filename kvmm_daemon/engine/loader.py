@@ -32,8 +32,7 @@ def build_engine_parts(cfg: EngineConfig, io=None):
                                    block_size=cfg.block_size, num_kv_heads=spec.num_kv_heads,
                                    head_dim=spec.head_dim, dtype=cfg.kv_dtype,
                                    layers_per_piece=cfg.kv_layers_per_piece)
-    kv_cache.lock_error = kv_cache.lock()
-    if kv_cache.lock_error:
+    if not kv_cache.lock() and kv_cache.lock_error:
         log.warning("KV arena not locked in memory: %s", kv_cache.lock_error)
     kv = KVCacheManager(BlockPool(kv_cache.num_blocks), cfg.block_size, spec.model_id)
     return model_file, ModelRunner(model, kv_cache, threads=cfg.threads), kv

@@ -174,13 +174,18 @@ class KVCache:
     def nbytes(self) -> int:
         return self.num_blocks * self.block_bytes
 
-    def lock(self) -> str | None:
-        """Pin the CPU arena in RAM (its pages are already resident). Returns None when
-        locked, else why not (the refusal names LimitMEMLOCK); off CPU there is nothing to
-        lock and None is returned."""
-        if self._buffer is None or self._buffer.lock():
-            return None
-        return self._buffer.lock_error
+    def lock(self) -> bool:
+        """Pin the CPU arena in RAM (its pages are already resident). False when the kernel
+        refuses (`lock_error` says why, naming LimitMEMLOCK); off CPU nothing is locked."""
+        return self._buffer is not None and self._buffer.lock()
+
+    @property
+    def locked(self) -> bool:
+        return self._buffer is not None and self._buffer.locked
+
+    @property
+    def lock_error(self) -> str | None:
+        return self._buffer.lock_error if self._buffer is not None else None
 
     def huge_page_fraction(self) -> float | None:
         """The share of the CPU arena backed by huge pages now (None off CPU)."""

@@ -105,4 +105,4 @@ def test_lock_pins_the_arena():
     # a 2 MiB arena is within the usual 8 MiB RLIMIT_MEMLOCK (and root has CAP_IPC_LOCK);
     # a refusal's message is tested with the allocator (tests/iosched/test_aligned_buffer.py)
     c = KVCache(4, **SMALL)
-    assert c.lock() is None and c._buffer.locked
+    assert c.lock() and c.locked and c.lock_error is None
