@@ -22,6 +22,7 @@ def format_stats(s: dict) -> str:
         f"clients        connected {s.get('clients', {}).get('connected')}",
         f"sessions       {len(s.get('sessions', []))}",
         f"engine         steps {s.get('steps')}  tokens computed {s.get('tokens_computed')}",
+        f"openmp         {(s.get('openmp') or {}).get('reason', 'unknown')}",
         f"uptime         {srv.get('uptime_s', 0):.0f} s{'  (draining)' if srv.get('draining') else ''}",
     ]
     view = srv.get("view")

@@ -37,6 +37,7 @@ from typing import Any, AsyncIterator
 
 import trio
 
+from kvmm_daemon import openmp_runtime
 from kvmm_daemon import protocol as P
 from kvmm_daemon.daemon.accept import accept_forever
 from kvmm_daemon.daemon.auth import PeerCredentials, UidLimits, blocks_needed, peer_credentials
@@ -309,7 +310,7 @@ class Server:
         if not who.is_root:
             limits["usage"] = [u for u in limits["usage"] if u["uid"] == who.uid]
         by_uid = Counter(c.creds.uid for c in self.conns.values())
-        return {**engine_stats,
+        return {**engine_stats, "openmp": openmp_runtime.status(),
                 "clients": {"connected": len(self.conns),
                             "by_uid": {str(u): n for u, n in sorted(by_uid.items()) if who.may_access(u)}},
                 "server": {"uptime_s": round(time.monotonic() - self.started, 3),

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import trio
 
+from kvmm_daemon import openmp_runtime
 from kvmm_daemon.daemon.daemon_config import DaemonConfig
 from kvmm_daemon.daemon.http_server import HttpServer
 from kvmm_daemon.daemon.listener import Listener, inherited_sockets, open_listener
@@ -204,6 +205,7 @@ def load_engine(cfg: DaemonConfig, notifier: SystemdNotifier) -> Any:
     engine = Engine.from_config(cfg.engine)
     log.info("model %s loaded in %.1f s", cfg.engine.model or "(embedded SmolLM2-135M)",
              time.perf_counter() - t0)
+    log.info("OpenMP runtime: %s", openmp_runtime.status()["reason"])
     return engine
 
 
