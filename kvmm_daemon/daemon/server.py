@@ -159,6 +159,7 @@ class Server:
         self.records: dict[str, RequestRecord] = {}   # listed and cancellable requests
         self.handlers = 0      # generate handlers running (a retired request may still be replying)
         self.conns: dict[int, Connection] = {}
+        self._replies_closed = [0, 0]       # frames, writes of connections already gone
         self.draining = False
         self.started = time.monotonic()
         self.errors: Counter[str] = Counter()
@@ -187,6 +188,12 @@ class Server:
         if self._accepting is not None:
             self._accepting.cancel()
 
+    def _replies(self) -> dict[str, int]:
+        """Reply frames and the socket writes that carried them (batched per connection)."""
+        frames = self._replies_closed[0] + sum(c.frames for c in self.conns.values())
+        writes = self._replies_closed[1] + sum(c.writes for c in self.conns.values())
+        return {"frames": frames, "writes": writes}
+
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
             creds = peer_credentials(stream.socket)
@@ -212,6 +219,8 @@ class Server:
         finally:
             conn.closed = True
             del self.conns[conn.id]
+            self._replies_closed[0] += conn.frames
+            self._replies_closed[1] += conn.writes
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             log.debug("client %d disconnected", conn.id)
@@ -316,6 +325,7 @@ class Server:
                 "server": {"uptime_s": round(time.monotonic() - self.started, 3),
                            "draining": self.draining, "requests_total": self.requests_total,
                            "requests_in_flight": len(self.records),
+                           "replies": self._replies(),
                            "errors": dict(self.errors), "limits": limits,
                            "engine_loop": dataclasses.asdict(self.loop.statistics()),
                            "view": self.view.statistics() if self.view is not None else None}}
