@@ -85,7 +85,11 @@ step "process of the engine: user, capabilities"
 main=$(sb systemctl show -p MainPID --value kvmm.service)
 sb grep -E "^(Uid|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):" "/proc/$main/status"
 sb grep -E "Max locked memory|Max nice" "/proc/$main/limits"
-sb journalctl --no-pager -b -u kvmm -o cat | grep -E "mlock|locked|io_uring|I/O threads|MemoryDeny" | head -5 || true
+sb journalctl --no-pager -b -u kvmm -o cat | grep -E "mlock|locked|io_uring|I/O threads|MemoryDeny|OpenMP" | head -6 || true
+# the engine re-executes itself with LLVM's OpenMP runtime (setup installs it); under the
+# unit's seccomp filter and sandboxing, with the PID systemd watches
+as_user kvmm stats | grep openmp
+sb grep -q libomp "/proc/$main/maps" || fail "the engine (pid $main) does not run LLVM's OpenMP runtime"
 # LimitMEMLOCK=infinity and LimitNICE=-10 raise hard limits: systemd needs CAP_SYS_RESOURCE for
 # that. Where the sandbox's PID 1 lacks it (a container that drops it), the limits stay at the
 # host's and the pool runs unlocked (logged); elsewhere they must be in effect.

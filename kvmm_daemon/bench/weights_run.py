@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--state-dir", default=None)
     args = p.parse_args(argv)
+    if argv is None:                    # a process of its own: compute as `kvmm serve` does
+        from kvmm_daemon import openmp_runtime
+        openmp_runtime.ensure()
     print(json.dumps(measure(args)), flush=True)
 
 
