@@ -8,7 +8,7 @@ many segments as fit beside a window of `window` slots (one being computed on, t
 flight), and bytes read per step = streamed segments' bytes, nothing more.
 
 A segment may take more bytes in memory than it reads from flash (the LM head's Q8_0 chunks
-expand to bfloat16 in place): a slot holds the largest segment's memory form, and the plan
+asked for in bfloat16 expand in place): a slot holds the largest segment's memory form, and the plan
 pins first the segments that save the most reads per byte of memory (layers, read as they
 are used), then the others in what room is left. Within each such class the pinned segments
 are spread evenly over the cycle, so the reads of the streamed ones overlap the compute of
