@@ -141,6 +141,8 @@ fi
   || say "the native CPU kernels did not build; the slower torch path will serve"
 (cd / && "$VPY" -c 'from kernels import q8_0; print("install-service: native Q8_0 expansion:", q8_0.build())') \
   || say "the native Q8_0 expansion did not build; torch will expand the streamed LM head"
+(cd / && "$VPY" -c 'from kernels import q8_0_linear; print("install-service: native Q8_0 linear:", q8_0_linear.build())') \
+  || say "the native Q8_0 linear did not build; torch will multiply the LM head"
 (cd / && "$VPY" -c 'from iosched import uring_native; print("install-service: io_uring binding:", uring_native.build())') \
   || say "the io_uring binding did not build; the I/O scheduler will use preadv threads"
 if ! runuser -u kvmm -- "$VPY" -c '' 2>/dev/null; then

@@ -74,7 +74,7 @@ site=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
   ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 fi
-# The native CPU paged-attention kernels and the LM head's Q8_0 expansion, compiled for this
+# The native CPU paged-attention kernels, the LM head's Q8_0 linear and expansion, compiled for this
 # machine (-march=native) into .venv/torch_extensions; skipped when a library is newer than its
 # sources. Not fatal: without them the torch paths serve (and the first call logs why).
 if ! "$VPY" -c 'from kernels import cpu_native; print("setup: native CPU kernels:", cpu_native.build())'; then
@@ -82,6 +82,9 @@ if ! "$VPY" -c 'from kernels import cpu_native; print("setup: native CPU kernels
 fi
 if ! "$VPY" -c 'from kernels import q8_0; print("setup: native Q8_0 expansion:", q8_0.build())'; then
   echo "setup: the native Q8_0 expansion did not build; torch will expand the streamed LM head" >&2
+fi
+if ! "$VPY" -c 'from kernels import q8_0_linear; print("setup: native Q8_0 linear:", q8_0_linear.build())'; then
+  echo "setup: the native Q8_0 linear did not build; torch will multiply the LM head" >&2
 fi
 # The io_uring binding of the I/O scheduler (iosched/csrc/uring.c with liburing) into
 # .venv/iosched_native; skipped when the library is newer than its source. Not fatal: without

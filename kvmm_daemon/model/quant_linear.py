@@ -21,9 +21,15 @@ measurements behind it):
   bfloat16  dequantized bfloat16 weights and activations (~0.27%), 16 bits/weight.
   float16   dequantized float16 (~0.035%), 16 bits/weight; fast for one token only (a
             float16 GEMM needs AVX512-FP16, which AVX512 x86 parts mostly lack).
+  q8_0      Q8_0 kept as its GGUF blocks (8.5 bits/weight) and multiplied straight from
+            them in float32 (kernels/q8_0_linear.py): exact weights, float32 sums in a fixed
+            order per output, so a chunk of rows gives the whole matrix's bits. "auto" picks
+            it for an LM head of a Q8_0 table; without the native library torch dequantizes
+            and multiplies (close, not the same bits; one choice per process).
 
-Other GGUF types (F16, Q4_K, Q6_K...) are taken dequantized, in a dense mode. Left out: a
-hand-written kernel (the torch ops are what the venv ships) and autograd.
+Other GGUF types (F16, Q4_K, Q6_K...) are taken dequantized, in a dense mode. Left out:
+autograd, and the q8_0 kernel for the layers' linears (the head is the only Q8_0 table in the
+models served; "auto" keeps other Q8_0 weights in bfloat16).
 The int4 packing follows the CPU's vector width, so packed weights are made at load time
 on the machine that runs them and never stored.
 """
@@ -36,10 +42,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kernels import q8_0_linear
 from kvmm_daemon.errors import ConfigError, ModelLoadError
 
 GROUP = 32  # elements per Q4_1/Q8_0 block, and the int4 kernel's group size
-MODES = ("auto", "int4", "int8", "float32", "bfloat16", "float16")
+MODES = ("auto", "int4", "int8", "float32", "bfloat16", "float16", "q8_0")
 _DENSE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
 
@@ -126,6 +133,14 @@ class QuantWeight:
         return QuantWeight(self.ggml_type, (stop - start, self.in_features), self.q[start:stop],
                            part(self.d), part(self.m))
 
+    def blocks(self) -> torch.Tensor:
+        """A Q8_0 weight's GGUF blocks (uint8, flat, row-major): the inverse of `from_blocks`
+        (d is kept as its exact f16 value)."""
+        assert self.ggml_type == "Q8_0", "only a Q8_0 weight has Q8_0 blocks"
+        d = self.d.astype(np.float16).view(np.uint8).reshape(self.out_features, -1, 2)
+        q = self.q.view(np.uint8).reshape(self.out_features, -1, GROUP)
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate([d, q], axis=-1)).reshape(-1))
+
     def dequantize(self) -> np.ndarray:
         """Float32 [out, in], bit-identical to gguf.quants.dequantize."""
         if self.ggml_type not in _BLOCK_BYTES:
@@ -187,15 +202,26 @@ def mode_for(ggml_type: str, mode: str) -> str:
 
     "auto": Q4_1 -> int4 (fastest at every batch size measured, 4.5 bits); F32/F16 ->
     float32 (exact); anything else, Q8_0 included -> bfloat16 (int8 re-quantization loses
-    ~1.3%, float16 is slow past one token, float32 is 2-3x slower at one token).
+    ~1.3%, float16 is slow past one token, float32 is 2-3x slower at one token). The LM head
+    of a Q8_0 table takes q8_0 instead (`head_mode`). int4 and q8_0 asked of another type
+    give its "auto" form.
     """
     if mode not in MODES:
         raise ConfigError(f"linear mode {mode!r} is unknown; use one of {', '.join(MODES)}")
-    if mode == "auto" or (mode == "int4" and ggml_type != "Q4_1"):
+    if (mode == "auto" or (mode == "int4" and ggml_type != "Q4_1")
+            or (mode == "q8_0" and ggml_type != "Q8_0")):
         if ggml_type == "Q4_1":
             return "int4"
         return "float32" if ggml_type in ("F32", "F16") else "bfloat16"
     return mode
+
+
+def head_mode(ggml_type: str, mode: str) -> str:
+    """The LM head's mode: as `mode_for`, but "auto" keeps a Q8_0 table as Q8_0 blocks (q8_0:
+    30 MB instead of 54 MB for SmolLM2's, exact weights, and a streamed chunk needs no
+    expansion: 0.12 ms per 1792-row chunk landed in a slot, against 0.41 ms to expand it and
+    multiply in bfloat16, at one token; see `make_lm_head` for the whole head)."""
+    return "q8_0" if mode == "auto" and ggml_type == "Q8_0" else mode_for(ggml_type, mode)
 
 
 def _bf16_ceil(s: torch.Tensor) -> torch.Tensor:
@@ -223,8 +249,9 @@ class QuantLinear:
         mode: the concrete mode (never "auto").
         in_features, out_features: W's shape; out_features == sum(out_splits).
         out_splits: out size of each fused part, in order (for `y.split(out_splits, -1)`).
-        weight, scales: the tensors held: float/int8/int4-packed weight; int8 row scales or
-            int4 scales_and_zeros (None for float modes).
+        weight, scales: the tensors held: float/int8/int4-packed weight, or the Q8_0 blocks
+            (uint8, flat, row-major); int8 row scales or int4 scales_and_zeros (None for
+            float and q8_0 modes).
     """
 
     def __init__(self, parts: list[QuantWeight], mode: str) -> None:
@@ -236,6 +263,9 @@ class QuantLinear:
         self.scales: torch.Tensor | None = None
         if mode == "int4":
             self._init_int4(parts)
+        elif mode == "q8_0":
+            assert all(p.ggml_type == "Q8_0" for p in parts), "q8_0 mode holds Q8_0 weights only"
+            self.weight = torch.cat([p.blocks() for p in parts])
         elif mode == "int8":
             w = np.concatenate([p.dequantize() for p in parts]).astype(np.float64)
             s = _bf16_ceil(torch.from_numpy(np.abs(w).max(axis=1) / 127.0).float())
@@ -297,6 +327,8 @@ class QuantLinear:
                 x2.to(torch.bfloat16).contiguous(), self.weight, GROUP, self.scales)
             if y.shape[1] != self.out_features:
                 y = y[:, :self.out_features]
+        elif self.mode == "q8_0":
+            y = q8_0_linear.q8_0_linear(x2.float().contiguous(), self.weight, self.out_features)
         elif self.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(),
                                                    self.weight, self.scales)
@@ -324,13 +356,15 @@ def make_linear(parts: list[Any], *, mode: str = "auto") -> QuantLinear:
     return QuantLinear(qws, modes.pop() if len(modes) == 1 else "bfloat16")
 
 
+def _make_head(qw: QuantWeight, mode: str) -> QuantLinear:
+    return QuantLinear([qw], head_mode(qw.ggml_type, mode))
+
+
 def lm_head_chunk_rows(vocab_size: int, hidden_size: int, layer_bytes: int) -> int:
     """Vocabulary rows per LM-head chunk: about one layer's bytes at 2 bytes per weight, a
     multiple of 256 rows. A function of the model's shape only, so every engine of a model
-    (resident or streaming) splits the head alike and computes bit-identical logits. A chunk
-    streamed as Q8_0 blocks reads about half that and expands in its slot to the bfloat16
-    size, so a window slot (sized by the largest segment in memory) still fits a layer or a
-    chunk with little waste."""
+    (resident or streaming) splits the head alike. A chunk of a Q8_0 head (q8_0 mode) is about
+    half that in memory, 8.5 bits a weight."""
     rows = max(256, (layer_bytes // (2 * hidden_size)) // 256 * 256)
     return min(rows, -(-vocab_size // 256) * 256)
 
@@ -338,11 +372,13 @@ def lm_head_chunk_rows(vocab_size: int, hidden_size: int, layer_bytes: int) -> i
 def make_lm_head(weight: Any, *, mode: str = "auto") -> QuantLinear:
     """logits = x @ E^T for the (possibly tied) output matrix E [vocab, hidden].
 
-    For SmolLM2's Q8_0 49152x576 table "auto" gives bfloat16: 3 ms cold at one token and
-    4-6 ms at 16-32 (float32 7 ms / 14-22 ms; float16 1.3 ms at one token but 10x slower
-    at 8+; int8 as fast as bfloat16 but 1.3% off).
+    For SmolLM2's Q8_0 49152x576 table "auto" gives q8_0 (`head_mode`): on one thread (best
+    of 30, load 5-6 on 2 cores) 2.4 ms at one token, 3.9 ms at 4, 10.6 ms at 16, against
+    bfloat16's 5.3 / 7.8 / 8.1 ms (oneDNN, AMX); an earlier measurement of bfloat16 gave 3 ms
+    cold at one token and 4-6 ms at 16-32 (float32 7 ms / 14-22 ms; float16 1.3 ms at one
+    token but 10x slower at 8+; int8 as fast as bfloat16 but 1.3% off).
     """
-    return make_linear([weight], mode=mode)
+    return _make_head(as_quant_weight(weight), mode)
 
 
 def make_lm_head_chunks(weight: Any, *, chunk_rows: int, mode: str = "auto") -> list[QuantLinear]:
@@ -350,7 +386,7 @@ def make_lm_head_chunks(weight: Any, *, chunk_rows: int, mode: str = "auto") -> 
     stream from flash in pieces the size of a layer; `lm_head_logits` runs them."""
     qw = as_quant_weight(weight)
     vocab = qw.out_features
-    return [make_linear([qw.rows(a, min(a + chunk_rows, vocab))], mode=mode)
+    return [_make_head(qw.rows(a, min(a + chunk_rows, vocab)), mode)
             for a in range(0, vocab, chunk_rows)]
 
 

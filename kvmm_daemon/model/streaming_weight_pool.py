@@ -4,9 +4,10 @@ Everything the pool holds sits in one huge-page arena of `WeightPlan.arena_bytes
 budget, locked in memory (MLOCK_ONFAULT) when RLIMIT_MEMLOCK allows: the pinned segments,
 the window's slots, the scratch the embedding rows are read into, and the final norm. The
 weights come from the prepared weight file (weight_file.py), read with O_DIRECT through
-iosched in the forward's exact form, but for the LM head's Q8_0 chunks, which are expanded to
-bfloat16 in place (in their slot after each read, or once in their pinned region): there is
-no scratch, and a slot is sized by the largest segment's memory form. The file's checksums are
+iosched in the forward's exact form (the LM head of a Q8_0 table as its Q8_0 blocks, which
+the q8_0 mode multiplies as they are), but for a Q8_0 head asked for in bfloat16, whose chunks
+are expanded in place (in their slot after each read, or once in their pinned region): there
+is no scratch, and a slot is sized by the largest segment's memory form. The file's checksums are
 verified on open. The forward sees the surface of weight_pool.ResidentWeightPool; `embed`
 marks the start of a step, for the per-step figures (bytes read, stall, step time).
 """

@@ -2,11 +2,13 @@
 
 Written once per machine (`kvmm weights prepare`, or on first use of a model whose weight
 budget is below its size) in the daemon's state directory, it holds every weight in the
-exact form the forward multiplies (see weight_segments.py), so reading a segment needs no
+exact form the forward multiplies (see weight_segments.py; the LM head of a Q8_0 table as its
+Q8_0 blocks, which the q8_0 mode multiplies as they are), so reading a segment needs no
 conversion, with one exception: a segment with a `form` (the LM head's chunks of a Q8_0 table
-multiplied in bfloat16) holds its Q8_0 blocks, 8.5 bits a weight, and `SegmentRecord.expand`
-turns them in place into the bfloat16 weight after the read (~0.1 ms per 2 MiB, native); its
-region in memory is then `memory_nbytes`, larger than the bytes read. The int4 packing follows this CPU's vector width, so the file is keyed by the
+asked for in bfloat16, --linear-mode bfloat16) holds its Q8_0 blocks, 8.5 bits a weight, and
+`SegmentRecord.expand` turns them in place into the bfloat16 weight after the read (~0.1 ms per
+2 MiB, native); its region in memory is then `memory_nbytes`, larger than the bytes read. The
+int4 packing follows this CPU's vector width, so the file is keyed by the
 model's content hash, torch's version and the CPU capability torch dispatches to; another
 key is another file.
 
@@ -47,7 +49,8 @@ from kvmm_daemon.model.weight_segments import ModelWeights, segment_parts
 from kvmm_daemon.sizes import format_size
 
 MAGIC = b"KVMMWGT1"
-LAYOUT_VERSION = 2          # 2: the LM head of a Q8_0 table stored as Q8_0 blocks
+LAYOUT_VERSION = 3          # 2: the LM head of a Q8_0 table stored as Q8_0 blocks; 3: and
+                            # multiplied from them (mode q8_0, no expansion) under "auto"
 ALIGN = 4096
 TENSOR_ALIGN = 64
 _PREFIX = struct.Struct("<8sQQ")

@@ -8,7 +8,7 @@ many segments as fit beside a window of `window` slots (one being computed on, t
 flight), and bytes read per step = streamed segments' bytes, nothing more.
 
 A segment may take more bytes in memory than it reads from flash (the LM head's Q8_0 chunks
-expand to bfloat16 in place): a slot holds the largest segment's memory form, and the plan
+asked for in bfloat16 expand in place): a slot holds the largest segment's memory form, and the plan
 pins first the segments that save the most reads per byte of memory (layers, read as they
 are used), then the others in what room is left. Within each such class the pinned segments
 are spread evenly over the cycle, so the reads of the streamed ones overlap the compute of
@@ -111,14 +111,24 @@ def _by_saving(sizes: list[int], padded: list[int]) -> list[list[int]]:
 
 
 def _pick(group: list[int], padded: list[int], room: int) -> list[int]:
-    """As many of `group` as fit in `room` (counted smallest first), spread evenly over it."""
+    """As many of `group` as fit in `room` (counted smallest first), spread evenly over it,
+    then what still fits of the rest."""
     count, used = 0, 0
     for i in sorted(group, key=lambda i: padded[i]):
         if used + padded[i] > room:
             break
         used += padded[i]
         count += 1
-    return [group[k] for k in _spread(len(group), count, [padded[i] for i in group], room)]
+    picks = [group[k] for k in _spread(len(group), count, [padded[i] for i in group], room)]
+    # segments of two sizes in one group (layers and Q8_0 head chunks): evenly spaced picks
+    # may leave room a smaller one fits in; fill it, smallest first
+    left = room - sum(padded[i] for i in picks)
+    for i in sorted((i for i in group if i not in set(picks)), key=lambda i: padded[i]):
+        if padded[i] > left:
+            break
+        picks.append(i)
+        left -= padded[i]
+    return picks
 
 
 def _spread(n: int, count: int, padded: list[int], room: int) -> tuple[int, ...]:

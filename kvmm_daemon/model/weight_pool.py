@@ -8,13 +8,14 @@ pool's to decide. Two pools share that surface:
   held in memory, the embedding table too.
 * `StreamingWeightPool` (--weight-budget, streaming_weight_pool.py): a hard byte budget over everything the pool holds.
   Weights come from the prepared weight file (weight_file.py) in the forward's exact form
-  (the LM head of a Q8_0 table as its blocks, expanded to bfloat16 in place after each read);
+  (the LM head of a Q8_0 table as its blocks, multiplied as they are by the q8_0 mode);
   `WeightPlan` pins the segments that fit beside a window and `StreamWindow` streams the rest
   through iosched, read ahead of compute; the embedding rows a step needs are read from flash.
   The arena is one huge-page buffer, locked in memory (MLOCK_ONFAULT) when the limit allows.
 
 The streaming pool runs the LM head chunk by chunk, the resident one as one matmul; the
-logits are the same bits either way, so greedy output does not depend on the budget. Fusion: Q, K and V are one linear, gate and up another.
+logits are the same bits either way (a Q8_0 head's q8_0 kernel computes each logit alone, in
+a fixed order), so greedy output does not depend on the budget. Fusion: Q, K and V are one linear, gate and up another.
 """
 from __future__ import annotations
 

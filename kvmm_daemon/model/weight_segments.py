@@ -10,17 +10,18 @@ is a few KiB that always stays resident.
 
 `segment_parts` / `segment_from_parts` convert a segment to (JSON-able meta, named tensors)
 and back over any tensors (views into a flash buffer included), with no conversion: the
-bytes a weight file holds are the bytes the matmuls read. One exception, `FlashForm`: an LM
-head multiplied in bfloat16 from a Q8_0 table (SmolLM2's tied embeddings) is stored as its
-Q8_0 blocks, 8.5 bits a weight instead of 16, and expanded in place after each read
-(kernels/q8_0.py) into exactly the bfloat16 weight the resident head holds.
+bytes a weight file holds are the bytes the matmuls read. The LM head of a Q8_0 table
+(SmolLM2's tied embeddings) is multiplied straight from its Q8_0 blocks under "auto" (mode
+q8_0), so its chunks are stored and held as those blocks too. One exception, `FlashForm`: such
+a head asked for in bfloat16 (--linear-mode bfloat16) is still stored as its Q8_0 blocks, 8.5
+bits a weight instead of 16, and expanded in place after each read (kernels/q8_0.py) into
+exactly the bfloat16 weight the resident head holds.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterator, Union
 
-import numpy as np
 import torch
 
 from kvmm_daemon.model import quant_linear as ql
@@ -51,14 +52,6 @@ class FlashForm:
 
     kind: str
     data: torch.Tensor      # uint8, the bytes the weight file holds
-
-
-def q8_0_blocks(qw: ql.QuantWeight) -> torch.Tensor:
-    """A Q8_0 weight's GGUF blocks (uint8, flat, row-major): the inverse of
-    QuantWeight.from_blocks (d is kept as its exact f16 value)."""
-    d = qw.d.astype(np.float16).view(np.uint8).reshape(qw.out_features, -1, 2)
-    q = qw.q.view(np.uint8).reshape(qw.out_features, -1, ql.GROUP)
-    return torch.from_numpy(np.ascontiguousarray(np.concatenate([d, q], axis=-1)).reshape(-1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +130,7 @@ class ModelWeights:
         if qw.ggml_type != "Q8_0":
             return [None] * len(chunks)
         rows = self.lm_head_chunk_rows
-        return [FlashForm("q8_0", q8_0_blocks(qw.rows(a, min(a + rows, qw.out_features))))
+        return [FlashForm("q8_0", qw.rows(a, min(a + rows, qw.out_features)).blocks())
                 for a in range(0, qw.out_features, rows)]
 
     def lm_head_whole(self) -> ql.QuantLinear:

@@ -209,6 +209,22 @@ def test_random_q8_0_modes():
         lin = ql.make_linear([qw], mode=mode)
         assert lin.mode == ("bfloat16" if mode == "int4" else mode)  # never cut to 4 bits
         assert rel(lin(x), ref) < tol
+    lin = ql.make_linear([qw], mode="q8_0")     # the blocks as they are, exact weights
+    assert lin.mode == "q8_0" and lin.weight.dtype == torch.uint8 and lin.nbytes == 64 * 3 * 34
+    assert torch.equal(lin.weight, torch.from_numpy(raw.reshape(-1)))
+    assert rel(lin(x), ref) < 1e-6
+
+
+def test_q8_0_fused_parts_give_each_part_alone_bit_for_bit():
+    a = ql.QuantWeight.from_blocks("Q8_0", random_blocks("Q8_0", 40, 64, seed=10), (40, 64))
+    b = ql.QuantWeight.from_blocks("Q8_0", random_blocks("Q8_0", 13, 64, seed=11), (13, 64))
+    fused = ql.make_linear([a, b], mode="q8_0")
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(5))
+    y = fused(x)
+    assert y.shape == (2, 3, 53)
+    ya, yb = y.split(fused.out_splits, dim=-1)
+    assert torch.equal(ya, ql.make_linear([a], mode="q8_0")(x))
+    assert torch.equal(yb, ql.make_linear([b], mode="q8_0")(x))
 
 
 def test_int8_codes_fit_and_nbytes():
@@ -229,8 +245,11 @@ def test_auto_policy():
     assert ql.make_linear([q41]).mode == "int4"
     assert ql.make_linear([q80]).mode == "bfloat16"
     assert ql.make_linear([f32]).mode == "float32"
-    assert ql.make_lm_head(q80).mode == "bfloat16"
+    assert ql.make_lm_head(q80).mode == "q8_0"     # the head keeps a Q8_0 table's blocks
     assert ql.make_lm_head(q80, mode="float32").mode == "float32"
+    assert ql.make_lm_head(q80, mode="int4").mode == "bfloat16"
+    assert ql.make_lm_head(q41).mode == "int4"
+    assert ql.make_linear([q41], mode="q8_0").mode == "int4"   # q8_0 only for Q8_0 weights
     mixed = ql.make_linear([q41, q80])  # mixed types fuse in bfloat16
     assert mixed.mode == "bfloat16" and mixed.out_splits == (16, 16)
     with pytest.raises(ValueError, match="features"):
@@ -244,7 +263,8 @@ def test_lm_head_on_real_table_rows(tensors):
     qw = ql.QuantWeight.from_blocks("Q8_0", raw, (512, 576))
     x = torch.randn(3, 576, generator=torch.Generator().manual_seed(4))
     ref = x.double() @ torch.from_numpy(reference(raw, "Q8_0", (512, 576))).double().T
-    assert rel(ql.make_lm_head(qw)(x), ref) < 0.006
+    assert rel(ql.make_lm_head(qw, mode="bfloat16")(x), ref) < 0.006
+    assert rel(ql.make_lm_head(qw)(x), ref) < 1e-6          # q8_0: exact weights
     assert rel(ql.make_lm_head(qw, mode="float32")(x), ref) < 1e-6
 
 

@@ -1,7 +1,7 @@
 """The streaming pool's LM head against the resident one: the same logits, bit for bit, whether
-its Q8_0 chunks are pinned (expanded once) or streamed (expanded in their slot after each read),
-at every batch size and thread count, and with the torch expansion when the native library is
-missing."""
+its Q8_0 chunks are pinned or streamed, at every batch size and thread count: multiplied from
+their blocks (q8_0, "auto"), natively or by torch, or expanded to bfloat16 (once when pinned,
+in their slot after each read when streamed; natively or by torch)."""
 import shutil
 import tempfile
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from iosched import IOScheduler
-from kernels import q8_0
+from kernels import q8_0, q8_0_linear
 from kvmm_daemon.model.model_file import open_model
 from kvmm_daemon.model.weight_pool import ResidentWeightPool
 from kvmm_daemon.model.weight_store import open_streaming_pool
@@ -46,28 +46,35 @@ def _logits_equal(pool, resident, hidden_size: int) -> None:
             torch.set_num_threads(old)
 
 
-def _pool(mf, path, io, budget, state_dir):
+def _pool(mf, path, io, budget, state_dir, linear_mode="auto"):
     return open_streaming_pool(mf, path, mf.spec, io, budget_bytes=budget, configured_state=state_dir,
-                               window=2)
+                               linear_mode=linear_mode, window=2)
 
 
-def test_streamed_and_pinned_q8_0_chunks_give_the_resident_logits(q8_head_model, state_dir):
+@pytest.mark.parametrize("linear_mode", ["auto", "int4"])   # int4: a bfloat16 head
+def test_streamed_and_pinned_q8_0_chunks_give_the_resident_logits(q8_head_model, state_dir, linear_mode):
     mf = open_model(q8_head_model)
-    resident = ResidentWeightPool(mf, mf.spec)
+    resident = ResidentWeightPool(mf, mf.spec, linear_mode=linear_mode)
     io = IOScheduler()
     try:
-        probe = _pool(mf, q8_head_model, io, 64 << 20, state_dir)
+        probe = _pool(mf, q8_head_model, io, 64 << 20, state_dir, linear_mode)
         records, fixed = probe.wf.segments, probe.plan.fixed_bytes
         probe.close()
         heads = [i for i, r in enumerate(records) if r.name.startswith("lm_head.")]
-        assert len(heads) == 5 and all(records[i].form == "q8_0" for i in heads)
-        assert all(records[i].nbytes * 64 == records[i].memory_nbytes * 34 for i in heads)
+        if linear_mode == "auto":       # multiplied from the blocks: held as read
+            assert len(heads) == 5 and all(records[i].form is None for i in heads)
+            assert all(records[i].meta["linear"]["mode"] == "q8_0" for i in heads)
+        else:
+            assert len(heads) == 5 and all(records[i].form == "q8_0" for i in heads)
+            assert all(records[i].nbytes * 64 == records[i].memory_nbytes * 34 for i in heads)
         sizes, memory = [r.nbytes for r in records], [r.region_bytes for r in records]
         layers = sum(memory) - sum(memory[i] for i in heads)
         window = 2 * max(memory) + fixed
+        # some chunks pinned, some streamed: the layers pin first when chunks expand in memory
+        middle = window + (sum(memory) // 2 if linear_mode == "auto" else layers + memory[heads[0]])
         seen = set()
-        for budget in (window, window + layers + memory[heads[0]], sum(memory) + fixed):
-            pool = _pool(mf, q8_head_model, io, budget, state_dir)
+        for budget in (window, middle, sum(memory) + fixed):
+            pool = _pool(mf, q8_head_model, io, budget, state_dir, linear_mode)
             try:
                 pinned_heads = {i for i in heads if i in pool.pinned}
                 seen.add((bool(pinned_heads), len(pinned_heads) < len(heads)))
@@ -82,12 +89,28 @@ def test_streamed_and_pinned_q8_0_chunks_give_the_resident_logits(q8_head_model,
 
 def test_the_torch_expansion_serves_without_the_native_library(q8_head_model, state_dir, monkeypatch):
     mf = open_model(q8_head_model)
-    resident = ResidentWeightPool(mf, mf.spec)
+    resident = ResidentWeightPool(mf, mf.spec, linear_mode="int4")
     monkeypatch.setattr(q8_0, "extension", lambda: "not built (test)")
+    io = IOScheduler()
+    pool = _pool(mf, q8_head_model, io, 600_000, state_dir, "int4")
+    try:
+        assert any(pool.wf.segments[i].form == "q8_0" for i in pool.plan.streamed)
+        _logits_equal(pool, resident, mf.spec.hidden_size)
+    finally:
+        pool.close()
+        io.close()
+
+
+def test_the_torch_q8_0_linear_serves_every_engine_alike_without_the_native_library(
+        q8_head_model, state_dir, monkeypatch):
+    mf = open_model(q8_head_model)
+    resident = ResidentWeightPool(mf, mf.spec)
+    monkeypatch.setattr(q8_0_linear, "extension", lambda: "not built (test)")
     io = IOScheduler()
     pool = _pool(mf, q8_head_model, io, 600_000, state_dir)
     try:
-        assert any(pool.wf.segments[i].form == "q8_0" for i in pool.plan.streamed)
+        heads = [i for i in pool.plan.streamed if pool.wf.segments[i].name.startswith("lm_head.")]
+        assert heads and all(pool.wf.segments[i].form is None for i in heads)
         _logits_equal(pool, resident, mf.spec.hidden_size)
     finally:
         pool.close()
@@ -97,8 +120,8 @@ def test_the_torch_expansion_serves_without_the_native_library(q8_head_model, st
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", [22 << 20, 110 << 20])
 def test_the_embedded_model_head_streams_as_q8_0_with_the_resident_logits(state_dir, budget):
-    """SmolLM2-135M's tied Q8_0 table: 28 chunks of ~1.1 MB on flash (2 MiB in memory). At 22 MiB
-    every chunk streams; at 110 MiB every layer and some chunks are pinned."""
+    """SmolLM2-135M's tied Q8_0 table: 28 chunks of ~1.1 MB on flash and in memory (q8_0). At
+    22 MiB every chunk streams; at 110 MiB every layer and some chunks are pinned."""
     from kvmm_daemon.model.model_file import default_model_path
 
     path = default_model_path()
@@ -108,8 +131,8 @@ def test_the_embedded_model_head_streams_as_q8_0_with_the_resident_logits(state_
     pool = _pool(mf, path, io, budget, state_dir)
     try:
         head = [r for r in pool.wf.segments if r.name.startswith("lm_head.")]
-        assert all(r.form == "q8_0" for r in head)
-        assert sum(r.nbytes for r in head) < 0.54 * sum(r.memory_nbytes for r in head)
+        assert all(r.form is None and r.meta["linear"]["mode"] == "q8_0" for r in head)
+        assert sum(r.nbytes for r in head) == 49152 * 576 // 32 * 34
         if budget > 100 << 20:
             assert all(i in pool.pinned for i in range(mf.spec.num_layers))
         _logits_equal(pool, resident, mf.spec.hidden_size)

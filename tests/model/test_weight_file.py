@@ -84,13 +84,37 @@ def test_written_file_holds_the_forward_tensors(tiny_q4, tmp_path):
     assert torch.equal(table(torch.arange(3)), emb(torch.tensor(rows)))
 
 
-def test_a_q8_0_head_is_stored_as_its_blocks_and_expands_to_the_forward_weight(tmp_path):
+def _q8_head_model(tmp_path):
     hf = write_tiny_llama(tmp_path / "hf", layers=2, hidden=64, intermediate=128, vocab=700)
-    model = write_tiny_gguf(tmp_path / "q8-head.gguf", hf, weight_type="Q4_1",
-                            types={"token_embd.weight": "Q8_0"})
+    return write_tiny_gguf(tmp_path / "q8-head.gguf", hf, weight_type="Q4_1",
+                           types={"token_embd.weight": "Q8_0"})
+
+
+def test_a_q8_0_head_is_stored_and_held_as_its_blocks(tmp_path):
+    model = _q8_head_model(tmp_path)
     mf = open_model(model)
     wf = prepare(mf, model, tmp_path, progress=False)
     mw = ModelWeights(mf, mf.spec)
+    raw = torch.frombuffer(bytearray(wf.path.read_bytes()), dtype=torch.uint8)
+    heads = 0
+    for rec, (sid, seg) in zip(wf.segments, mw.segments()):
+        assert rec.form is None and rec.memory_nbytes == rec.nbytes
+        if sid.kind != "lm_head":
+            continue
+        heads += 1
+        rows = seg.out_features
+        assert seg.mode == "q8_0" and rec.nbytes == rows * 64 // 32 * 34
+        copy = segment_from_parts(rec.meta, rec.tensor_views(raw[rec.offset:rec.offset + rec.padded]))
+        assert torch.equal(copy.weight, seg.weight) and _same(copy, seg)
+    assert heads == mw.lm_head_chunks >= 2
+    assert wf.model_bytes == sum(r.nbytes for r in wf.segments)
+
+
+def test_a_q8_0_head_asked_in_bfloat16_is_stored_as_its_blocks_and_expands(tmp_path):
+    model = _q8_head_model(tmp_path)
+    mf = open_model(model)
+    wf = prepare(mf, model, tmp_path, linear_mode="bfloat16", progress=False)
+    mw = ModelWeights(mf, mf.spec, linear_mode="bfloat16")
     raw = torch.frombuffer(bytearray(wf.path.read_bytes()), dtype=torch.uint8)
     heads = 0
     for rec, (sid, seg) in zip(wf.segments, mw.segments()):
