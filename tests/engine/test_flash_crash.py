@@ -108,6 +108,20 @@ def _wait_ready(log: str, timeout: float = 60.0) -> None:
         time.sleep(0.005)
 
 
+def _wait_swapping(log: str, at_least: int = 2, timeout: float = 60.0) -> None:
+    """Until the driver reported a commit after `at_least` swap preemptions: kills then land
+    while it swaps however loaded the machine is (a fixed delay saw 9-28 of the 30 needed at
+    load 5-6)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = _lines(log)
+        assert not [x for x in lines if x.startswith("E ")], lines
+        if any(x.startswith("C ") and int(x.split(" ", 3)[2]) >= at_least for x in lines):
+            return
+        assert time.monotonic() < deadline, "the driver did not swap"
+        time.sleep(0.005)
+
+
 def _apply(lines: list[str], expect: dict) -> tuple[int, int]:
     """Fold the driver's progress into expect (sid -> history the store must extend, or None
     while nothing can be promised: a delete was under way or done). Returns (commits,
@@ -171,7 +185,8 @@ def test_sigkill_loop_during_swap_keeps_every_committed_session(sensitive_model,
                 time.sleep(rng.uniform(0.0, 0.2))      # now and then while it starts up
             else:
                 _wait_ready(log)
-                time.sleep(rng.uniform(0.05, 0.6))
+                _wait_swapping(log)
+                time.sleep(rng.uniform(0.0, 0.4))
             os.kill(pid, signal.SIGKILL)
             status = server.reap(pid)
             assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
