@@ -1,6 +1,7 @@
 """PreadvBackend: `queue_depth` worker threads, each taking the next transfer from the
 scheduler and issuing one os.preadv/os.pwritev for it (the GIL is released in the syscall,
-so the threads keep that many requests at the device).
+so the threads keep that many requests at the device), running the prepare hooks of a
+transfer's requests before it and the on_done hooks of the requests that arrived after it.
 
 Prior art: the thread pools of glibc's POSIX AIO and of RocksDB's MultiRead fallback.
 Left out: per-thread affinity (two cores here).
@@ -41,6 +42,8 @@ class PreadvBackend:
             t = sched._take(block=True)
             if t is None:
                 return
+            if not sched._prepare(t):
+                continue                         # a prepare hook raised: it failed
             while t is not None:
                 try:
                     if t.op == "read":
@@ -50,6 +53,7 @@ class PreadvBackend:
                 except OSError as e:
                     res = e
                 t = sched._complete(t, res, syscalls=1)
+            sched._run_hooks()
 
     def wake(self) -> None:
         """New work was queued: the workers wait on the scheduler's condition already."""

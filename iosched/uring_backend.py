@@ -3,9 +3,12 @@ an io_uring (the C binding in csrc/uring.c, called through ctypes, which drops t
 
 The loop: take transfers from the scheduler until the ring holds queue_depth (blocking only
 when nothing is in flight), queue one READV/WRITEV SQE each, submit them with one
-io_uring_enter, then wait for at least one completion and reap every completion that is
-there. A short or failed completion the scheduler wants retried is queued again at once.
-So a batch of n transfers costs about two syscalls instead of n.
+io_uring_enter, run the on_done hooks of the requests that arrived (swapfs's checksums: they
+overlap the transfers just submitted), then wait for at least one completion and reap every
+completion that is there. A short or failed completion the scheduler wants retried is
+queued again at once. So a batch of n transfers costs about two syscalls instead of n. A
+transfer with prepare hooks (swapfs hashes the slots of a write there) is prepared when taken
+and submitted at once, so the device works on it while the next is prepared.
 
 New work that arrives while transfers are in flight and the ring has room wakes the
 dispatcher at once: an eventfd registered on the ring (liburing's io_uring_register_eventfd)
@@ -112,27 +115,32 @@ class UringBackend:
         res_arr = (ctypes.c_int * qd)()
         entered = ctypes.c_int(0)
         while True:
+            idle = False
             while len(in_flight) < qd:
-                t = sched._take(block=not in_flight)
+                idle = not in_flight and not sched._hooks_waiting()
+                t = sched._take(block=idle)
                 if t is None:
                     break
+                prepared = any(p.request.prepare is not None for p in t.pieces)
+                if prepared and not sched._prepare(t):
+                    continue                     # its hook raised: it failed, unissued
                 self._prep(t, next_ud)
                 in_flight[next_ud] = t
                 next_ud += 1
                 queued += 1
-            if not in_flight:
+                if prepared:                     # the device starts on it while the next
+                    queued = 0                   # is prepared
+                    if not self._submit(sched, in_flight):
+                        break
+            if idle and not in_flight:
                 return                           # closing and nothing left
             if queued:
-                rc = lib.kvr_submit(ring)
-                sched._count_syscalls(1)
-                if rc < 0:                       # the ring itself failed: fail these transfers
-                    err = OSError(-rc, os.strerror(-rc))
-                    for ud, t in list(in_flight.items()):
-                        del in_flight[ud]
-                        self._finish(sched, t, err, in_flight)
-                    queued = 0
-                    continue
                 queued = 0
+                if not self._submit(sched, in_flight):
+                    continue
+            sched._run_hooks()                   # while the device works on what just went
+            if not in_flight:
+                continue
             if self._wake_fd >= 0 and len(in_flight) < qd:
                 n = self._reap_or_wake(sched, ud_arr, res_arr, entered)
             else:
@@ -149,6 +157,19 @@ class UringBackend:
                     in_flight[next_ud] = again
                     next_ud += 1
                     queued += 1
+
+    def _submit(self, sched: IOScheduler, in_flight: dict[int, Transfer]) -> bool:
+        """One io_uring_enter for the SQEs queued. False when the ring itself failed: then
+        every transfer in flight has failed with that error and in_flight is empty."""
+        rc = self._lib.kvr_submit(self._ring)
+        sched._count_syscalls(1)
+        if rc >= 0:
+            return True
+        err = OSError(-rc, os.strerror(-rc))
+        for ud, t in list(in_flight.items()):
+            del in_flight[ud]
+            self._finish(sched, t, err, in_flight)
+        return False
 
     def _reap_or_wake(self, sched: IOScheduler, ud_arr, res_arr, entered) -> int:
         """Completions that are there; if none and no new work is queued, sleep until a
