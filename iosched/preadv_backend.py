@@ -1,7 +1,7 @@
 """PreadvBackend: `queue_depth` worker threads, each taking the next transfer from the
 scheduler and issuing one os.preadv/os.pwritev for it (the GIL is released in the syscall,
-so the threads keep that many requests at the device), running the prepare hooks of a
-transfer's requests before it and the on_done hooks of the requests that arrived after it.
+so the threads keep that many requests at the device), then running the on_done hooks of
+the requests that arrived.
 
 Prior art: the thread pools of glibc's POSIX AIO and of RocksDB's MultiRead fallback.
 Left out: per-thread affinity (two cores here).
@@ -42,8 +42,6 @@ class PreadvBackend:
             t = sched._take(block=True)
             if t is None:
                 return
-            if not sched._prepare(t):
-                continue                         # a prepare hook raised: it failed
             while t is not None:
                 try:
                     if t.op == "read":

@@ -35,11 +35,9 @@ class IORequest:
         piece is a transfer of its own, completing on its own).
       on_done: None, or a function of the request that a backend thread runs once every byte
         has arrived and before the request is done (IOScheduler.submit_readv).
-      prepare: None, or a function of the request that a backend thread runs just before
-        its bytes go to the device (IOScheduler.submit_writev); such a request is one piece.
       result: bytes transferred, set iff done() and the transfer succeeded (== length).
-      error: the IOReadError/IOWriteError (or the exception its prepare/on_done raised),
-        set iff done() and the request failed.
+      error: the IOReadError/IOWriteError (or the exception its on_done raised), set iff
+        done() and the request failed.
       completion_index: the scheduler-wide order in which requests completed (0-based),
         set when done (tests and traces read it).
     Invariant: done() iff _pieces_left == 0, on_done (if any) has returned, and exactly one
@@ -48,11 +46,11 @@ class IORequest:
 
     __slots__ = ("op", "fd", "offset", "length", "buffers", "buffer", "priority", "deadline",
                  "result", "error", "completion_index", "submitted_at", "merge", "on_done",
-                 "prepare", "_pieces_left", "_event", "_pieces")
+                 "_pieces_left", "_event", "_pieces")
 
     def __init__(self, op: str, fd: int, offset: int, buffers: list[memoryview],
                  priority: Priority, deadline: float | None, submitted_at: float,
-                 merge: bool = True, on_done=None, prepare=None) -> None:
+                 merge: bool = True, on_done=None) -> None:
         self.op = op
         self.fd = fd
         self.offset = offset
@@ -67,7 +65,6 @@ class IORequest:
         self.submitted_at = submitted_at
         self.merge = merge
         self.on_done = on_done
-        self.prepare = prepare
         self._pieces_left = 0
         self._pieces: list = []       # the pieces not yet taken off the queue
         self._event = threading.Event()

@@ -4,11 +4,11 @@
 Callers submit (thread-safe, never blocking) and later wait. A request longer than the
 profile's `request_bytes` is split into pieces that run in parallel; queued pieces of the
 same op that continue each other in the same file are merged into one vectored syscall of at
-most `request_bytes` (unless a request asks not to be: merge=False). A request may carry
-work for the backend's thread: a read's on_done runs once its bytes have arrived, before it
-counts as done; a write's prepare runs just before its bytes go out (swapfs verifies and
-seals its slots there: at the I/O threads' raised priority, while the device works on other
-transfers, and without the caller's thread, whose Python would hold the GIL they need). The queue is served strictly by (priority, deadline, FIFO); a wait on a
+most `request_bytes` (unless a request asks not to be: merge=False). A read may carry work
+for the backend's thread: its on_done runs once its bytes have arrived, before it counts as
+done (swapfs verifies its slots there: at the I/O threads' raised priority, while the device
+works on the next transfers, and without the caller's thread, whose Python would hold the GIL
+the backend needs). The queue is served strictly by (priority, deadline, FIFO); a wait on a
 still-queued request promotes it to WEIGHT_READ, since someone is now blocked on it. A failed
 or short transfer is resubmitted for its missing bytes `retries` times before its requests
 fail with IOReadError/IOWriteError. Backends: io_uring (iosched.uring_backend, a small C ring
@@ -132,20 +132,13 @@ class IOScheduler:
         return self._submit("read", fd, offset, buffers, priority, deadline, merge, on_done)
 
     def submit_writev(self, fd: int, offset: int, buffers: Sequence[Any], *, priority: Priority,
-                      deadline: float | None = None, merge: bool = True,
-                      prepare: Callable[[IORequest], None] | None = None) -> IORequest:
-        """Gather counterpart of submit_readv. prepare(request) runs in a backend thread
-        just before the request's bytes go to the device, so the buffers may be completed
-        there (swapfs fills in slot headers with the payloads' checksums); such a request is
-        never split (keep it near request_bytes) and fails with the exception prepare
-        raises, unwritten. It must not submit to or wait on this scheduler."""
-        return self._submit("write", fd, offset, buffers, priority, deadline, merge,
-                            prepare=prepare)
+                      deadline: float | None = None, merge: bool = True) -> IORequest:
+        """Gather counterpart of submit_readv (without on_done)."""
+        return self._submit("write", fd, offset, buffers, priority, deadline, merge)
 
     def _submit(self, op: str, fd: int, offset: int, buffers: Sequence[Any], priority: Priority,
                 deadline: float | None, merge: bool,
-                on_done: Callable[[IORequest], None] | None = None,
-                prepare: Callable[[IORequest], None] | None = None) -> IORequest:
+                on_done: Callable[[IORequest], None] | None = None) -> IORequest:
         if offset < 0:
             raise ValueError(f"negative file offset {offset}")
         if not buffers:
@@ -154,13 +147,8 @@ class IOScheduler:
         addrs = [address_of(v) for v in views]
         _check_direct_alignment(fd, offset, views, addrs)
         req = IORequest(op, fd, offset, views, priority, deadline, time.monotonic(), merge,
-                        on_done, prepare)
+                        on_done)
         step = self.profile.request_bytes
-        if prepare is not None:                 # one piece: prepared once, issued whole
-            if len(views) > _MAX_IOV:
-                raise ValueError(f"a write with a prepare hook is one transfer of at most"
-                                 f" {_MAX_IOV} buffers, not {len(views)}; submit fewer")
-            step = max(step, req.length)
         with self._lock:
             if self._closing:
                 raise IOSchedError(f"I/O scheduler {self.name!r} is closed; submit before close()")
@@ -266,22 +254,6 @@ class IOScheduler:
             self._end_flight(t)
             return None
 
-    def _prepare(self, t: Transfer) -> bool:
-        """Run the prepare hooks of the requests in `t` (a backend thread, without the lock,
-        before issuing it). False when one raised: then `t` has failed with that exception
-        and must not be issued."""
-        for p in t.pieces:
-            if p.request.prepare is not None:
-                try:
-                    p.request.prepare(p.request)
-                except Exception as exc:
-                    with self._lock:
-                        for q in t.unfinished():
-                            self._piece_done(q, exc)
-                        self._end_flight(t)
-                    return False
-        return True
-
     def _has_takeable(self) -> bool:
         """_take(block=False) would return a transfer now (caller holds the lock)."""
         return bool(len(self._queue)) and (not self._paused or self._closing)
@@ -303,7 +275,7 @@ class IOScheduler:
         req._pieces_left -= 1
         assert req._pieces_left >= 0
         if err is not None and req.error is None:
-            req.error = _bind(err, req) if isinstance(err, (IOReadError, IOWriteError)) else err
+            req.error = _bind(err, req)
         if req._pieces_left == 0 and req.error is None and req.on_done is not None:
             self._arrived.append(req)       # _run_hooks ends it (and counts its last piece)
             return

@@ -2,11 +2,10 @@
 an io_uring (the C binding in csrc/uring.c, called through ctypes, which drops the GIL).
 
 The loop: take transfers from the scheduler until the ring holds queue_depth (blocking only
-when nothing is in flight), run the prepare hooks of each (swapfs hashes a write's slots
-there), queue one READV/WRITEV SQE and submit it with its own io_uring_enter; then run the
-on_done hooks of the requests that arrived (swapfs verifies a read's slots: this overlaps the
-transfers just submitted), wait for at least one completion and reap every completion that
-is there. A short or failed completion the scheduler wants retried is submitted again at
+when nothing is in flight), queue one READV/WRITEV SQE for each and submit it with its own
+io_uring_enter; then run the on_done hooks of the requests that arrived (swapfs verifies a
+read's slots: this overlaps the transfers just submitted), wait for at least one completion
+and reap every completion that is there. A short or failed completion the scheduler wants retried is submitted again at
 once. One io_uring_enter per transfer, not one per batch: the kernel plugs the bios of one
 io_uring_enter together and merges adjacent ones, and this VM's virtio disk serves the merged
 requests (up to max_sectors_kb, 4 MiB) slower than the 1 MiB ones they were made of: 256 MiB
@@ -123,8 +122,6 @@ class UringBackend:
                 t = sched._take(block=idle)
                 if t is None:
                     break
-                if not sched._prepare(t):
-                    continue                     # a prepare hook raised: it failed, unissued
                 self._prep(t, next_ud)
                 in_flight[next_ud] = t
                 next_ud += 1

@@ -5,7 +5,7 @@ cold data here, slower than the O_DIRECT path it guards, while xxh3-64 runs at ~
 hardware crc32c (crc32c package) at ~8 GB/s. xxh3-64 comes from the system's libxxhash when
 it loads (swapfs.xxh3_native: the GIL is released while it hashes), else from the xxhash
 package (which holds the GIL: the I/O dispatcher thread waits meanwhile); both give the same
-values. zlib.crc32 and crc32c release the GIL on large buffers. The slot file's superblock and
+values. zlib.crc32 releases the GIL on large buffers. The slot file's superblock and
 every export name the algorithm they were written with, so a store keeps its algorithm as
 long as it is importable, and a reader never verifies with the wrong one.
 """
@@ -98,6 +98,15 @@ def get_pieces(name: str) -> PiecesChecksum:
         get(name)                  # the same error as get() when xxhash is missing
         return _pieces_xxh3_64()
     return _chained(name)
+
+
+def releases_gil(name: str) -> bool:
+    """Hashing a block with `name` (as get_pieces gives it) lets other Python threads run:
+    xxh3-64 from the system's libxxhash and zlib's crc32 (above 5 KiB) do; the xxhash
+    package does not, and crc32c is not known to."""
+    if name == "xxh3_64":
+        return _native() is not None
+    return name == "crc32"
 
 
 def available(name: str) -> bool:

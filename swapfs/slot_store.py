@@ -20,15 +20,17 @@ request ([header, payload pieces..., header, payload pieces...]), so a run costs
 (and one syscall per 256 buffers). A payload is a `BlockBuffer`: one range or several (the
 engine's layer-major arena gives one piece per layer) whose concatenation is the slot's
 payload; a plain buffer is one piece.
-The checksums are the I/O backend's work, not the caller's: a write submits all its runs at
-once, each with a prepare hook that hashes its slots and fills in their headers just before
-it goes out (`_seal_run`; the device writes one run while the next is hashed; `submit_write`
-returns with them in flight, `finish_write` waits); a read submits all its runs in one
-`IOScheduler.batch()`, each with an on_done hook that verifies it as soon as it has landed
-(`_check_run`), while later runs are read. So hashing runs at the I/O threads' raised
-priority, and the caller's thread sleeps through the batch instead of holding the GIL the
-dispatcher needs (on this shared 2-core VM it would often be preempted holding it). A slot
-read counts only once verified, and the transfers in flight land together (this VM's disk
+A write hashes a run and fills in its headers (`_seal_run`), submits it, and hashes the next
+while the device works, so the queue holds hashed runs whenever a wave of transfers ends
+(`submit_write` returns with them in flight; `finish_write` waits). A read submits all its
+runs in one `IOScheduler.batch()`, each with an on_done hook that verifies it as soon as it
+has landed (`_check_run`), in the I/O backend's thread after it has given the device its
+next transfers: at the I/O threads' raised priority, while later runs are read, and with the
+caller's thread asleep instead of holding the GIL the dispatcher needs (on this shared 2-core
+VM it was often preempted holding it). With the system's libxxhash the checksum itself runs
+with the GIL released (swapfs.checksum), so the dispatcher goes on while a write's runs are
+hashed; with the xxhash package the writer yields after each submission. A slot read counts
+only once verified, and the transfers in flight land together (this VM's disk
 ends 8 reads of 4 MiB all at ~16 ms), so whatever lands last is verified after the last
 byte has come. Read runs therefore shrink toward the end of a batch: a run is at most 1/depth
 of the slots still to read (depth = the scheduler's queue depth) and is not merged with its
@@ -98,7 +100,7 @@ class PendingWrite:
     """A batch submitted to the scheduler and not yet finished (SlotStore.submit_write).
 
     requests: one vectored IORequest per run of consecutive slots; crcs: each payload's
-    checksum, in item order (set as its run is sealed; unused by reads); scratch: its I/O
+    checksum, in item order (set as its run is hashed; unused by reads); scratch: its I/O
     vectors, None once returned to the pool (after every request ended); result: None until
     finish_write, then the checksums or the error.
     """
@@ -129,8 +131,9 @@ class SlotStore:
         by this store (closed with it) rather than passed in.
       bytes_read / bytes_written / read_seconds / write_seconds: cumulative, under `_lock`.
       _pool: scratch (slot headers, bounce areas) lent to one batch until its I/O is over.
-      _checksum: the payload checksum (of a BlockBuffer's pieces), run by the I/O backend's
-        thread (_seal_run, _check_run).
+      _checksum: the payload checksum (of a BlockBuffer's pieces), run by the writer's thread
+        (_seal_run) and the I/O backend's (_check_run); _hash_holds_gil: it keeps other
+        threads waiting while it runs (swapfs.checksum.releases_gil).
     """
 
     def __init__(self, path: str, payload_bytes: int, num_slots: int, layout_id: int, *,
@@ -210,6 +213,7 @@ class SlotStore:
             del view
         self.checksum_name = algorithm
         self._checksum = checksum.get_pieces(algorithm)
+        self._hash_holds_gil = not checksum.releases_gil(algorithm)
 
     def _super(self, algorithm: str) -> bytes:
         head = _SUPER.pack(_SUPER_MAGIC, 1, self.layout_id, self.payload_bytes, self.num_slots,
@@ -268,10 +272,9 @@ class SlotStore:
                      priority: Priority = Priority.KV_WRITE_BACK) -> PendingWrite:
         """Start writing (slot_id, generation, payload) items; the payloads must stay
         unchanged until `finish_write` returns. Each run of consecutive slots (up to a
-        request's worth) is one vectored request, all submitted at once; the I/O backend's
-        thread hashes a run and fills in its headers just before the run goes to the device
-        (`_seal_run`), so hashing overlaps the device's work on the runs before; the first run
-        is a single slot so the device starts after one checksum."""
+        request's worth) is one vectored request, submitted as soon as its headers are
+        hashed, so hashing overlaps the device's work; the first run is a single slot so
+        the device starts after one checksum."""
         items = self._buffers(items, writable=False)
         pending = PendingWrite(self._lend(items), time.perf_counter(), crcs=[0] * len(items))
         if not items:
@@ -281,10 +284,13 @@ class SlotStore:
         assert sched is not None, "SlotStore used after close()"
         try:
             for a, b in self._runs(items, first_alone=True):
+                self._seal_run(items, pending.scratch, pending.crcs, a, b)
                 pending.requests.append(sched.submit_writev(
                     self._fd, self._offset(items[a][0]), iov[heads[a]:heads[b]],
-                    priority=priority, prepare=functools.partial(
-                        self._seal_run, items, pending.scratch, pending.crcs, a, b)))
+                    priority=priority))
+                if self._hash_holds_gil:
+                    time.sleep(0)   # let the backend's thread take it now (GIL) rather than
+                                    # after the next switch interval, 5 ms of hashing later
         except BaseException:
             self._settle(pending, write=True)   # what went out must land before scratch goes
             raise
@@ -451,12 +457,9 @@ class SlotStore:
         scratch.heads.append(len(scratch.iov))
         return scratch
 
-    def _seal_run(self, items, scratch: _Scratch, crcs: list[int], a: int, b: int,
-                  _request) -> None:
+    def _seal_run(self, items, scratch: _Scratch, crcs: list[int], a: int, b: int) -> None:
         """Hash the payloads of write items [a, b) into crcs[k] and their headers (gather
-        them into their bounce areas first, if any). The prepare of a write run: the I/O
-        backend's thread runs it just before the run goes to the device, at the backend's
-        raised priority, so the caller's thread sleeps through the batch."""
+        them into their bounce areas first, if any)."""
         for k in range(a, b):
             (slot_id, gen, payload), (_area, bounced) = items[k], scratch.areas[k]
             if bounced:

@@ -337,39 +337,3 @@ def test_on_done_runs_in_a_backend_thread_before_the_request_is_done(backend, da
         s.drain()
         assert s.statistics().errors == 1
 
-
-def test_prepare_completes_a_write_before_it_is_issued(backend, data, buf):
-    """prepare runs in a backend thread just before the write goes out: what it puts in the
-    buffers is what lands. Such a request is not split even past request_bytes, and one
-    whose prepare raises fails with that exception, unwritten."""
-    import threading
-    path, content, fd = data
-    threads = []
-
-    def stamp(req):
-        threads.append(threading.current_thread().name)
-        req.buffers[0][:4] = b"seal"
-
-    with make(backend, qd=2, request_bytes=128 * KiB) as s:
-        views = [buf.view[:4 * KiB], buf.view[MiB:MiB + 300 * KiB]]
-        buf.view[:4 * KiB] = b"\0" * (4 * KiB)
-        req = s.submit_writev(fd, 2 * MiB, views, priority=Priority.KV_WRITE_BACK,
-                              prepare=stamp)
-        assert s.wait(req) == 304 * KiB and threads and threads[0].startswith("test-")
-        assert s.statistics().splits == 0
-
-        def broken(req):
-            raise RuntimeError("no checksum")
-
-        bad = s.submit_writev(fd, 4 * MiB, [buf.view[:64 * KiB]],
-                              priority=Priority.KV_WRITE_BACK, prepare=broken)
-        with pytest.raises(RuntimeError, match="no checksum"):
-            s.wait(bad)
-        with pytest.raises(ValueError, match="prepare"):
-            s.submit_writev(fd, 0, [buf.view[i * ALIGN:(i + 1) * ALIGN] for i in range(300)],
-                            priority=Priority.KV_WRITE_BACK, prepare=stamp)
-    with open(path, "rb") as f:
-        f.seek(2 * MiB)
-        assert f.read(4) == b"seal"
-        f.seek(4 * MiB)
-        assert f.read(64 * KiB) == content[4 * MiB:4 * MiB + 64 * KiB]   # never written
