@@ -5,12 +5,13 @@ The loop: take transfers from the scheduler until the ring holds queue_depth (bl
 when nothing is in flight), queue one READV/WRITEV SQE for each and submit it with its own
 io_uring_enter; then run the on_done hooks of the requests that arrived (swapfs verifies a
 read's slots: this overlaps the transfers just submitted), wait for at least one completion
-and reap every completion that is there. A short or failed completion the scheduler wants retried is submitted again at
-once. One io_uring_enter per transfer, not one per batch: the kernel plugs the bios of one
-io_uring_enter together and merges adjacent ones, and this VM's virtio disk serves the merged
-requests (up to max_sectors_kb, 4 MiB) slower than the 1 MiB ones they were made of: 256 MiB
-of adjacent 1 MiB reads went as 126 device requests at 2.1 GB/s submitted together, as 258
-at 2.3-2.4 GB/s with gaps between them, as preadv threads (no shared plug) get.
+and reap every completion that is there. A short or failed completion the scheduler wants
+retried is submitted again at once. One io_uring_enter per transfer, not one per batch: the
+kernel plugs the bios of one io_uring_enter together and merges adjacent ones, and this VM's
+virtio disk serves the merged requests (up to max_sectors_kb, 4 MiB) slower than the 1 MiB
+ones they were made of: 256 MiB of adjacent 1 MiB reads went as 126 device requests at
+2.1 GB/s submitted together, as 258 at 2.3-2.4 GB/s with gaps between them, as preadv
+threads (no shared plug) get.
 
 New work that arrives while transfers are in flight and the ring has room wakes the
 dispatcher at once: an eventfd registered on the ring (liburing's io_uring_register_eventfd)
