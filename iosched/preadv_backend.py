@@ -1,6 +1,7 @@
 """PreadvBackend: `queue_depth` worker threads, each taking the next transfer from the
 scheduler and issuing one os.preadv/os.pwritev for it (the GIL is released in the syscall,
-so the threads keep that many requests at the device).
+so the threads keep that many requests at the device), then running the on_done hooks of
+the requests that arrived.
 
 Prior art: the thread pools of glibc's POSIX AIO and of RocksDB's MultiRead fallback.
 Left out: per-thread affinity (two cores here).
@@ -50,6 +51,7 @@ class PreadvBackend:
                 except OSError as e:
                     res = e
                 t = sched._complete(t, res, syscalls=1)
+            sched._run_hooks()
 
     def wake(self) -> None:
         """New work was queued: the workers wait on the scheduler's condition already."""

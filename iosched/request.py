@@ -31,19 +31,26 @@ class IORequest:
       buffer: buffers[0] when there is one buffer, else None.
       priority: the current service class (raised to WEIGHT_READ by a promoting wait while
         any piece is still queued); deadline: time.monotonic() seconds or None (= last).
+      merge: its pieces may share a transfer with queued neighbours in the file (False: each
+        piece is a transfer of its own, completing on its own).
+      on_done: None, or a function of the request that a backend thread runs once every byte
+        has arrived and before the request is done (IOScheduler.submit_readv).
       result: bytes transferred, set iff done() and the transfer succeeded (== length).
-      error: the IOReadError/IOWriteError, set iff done() and the transfer failed.
+      error: the IOReadError/IOWriteError (or the exception its on_done raised), set iff
+        done() and the request failed.
       completion_index: the scheduler-wide order in which requests completed (0-based),
         set when done (tests and traces read it).
-    Invariant: done() iff _pieces_left == 0 and exactly one of result/error is set.
+    Invariant: done() iff _pieces_left == 0, on_done (if any) has returned, and exactly one
+    of result/error is set.
     """
 
-    __slots__ = ("op", "fd", "offset", "length", "buffers", "buffer", "priority", "deadline", "result",
-                 "error", "completion_index", "submitted_at", "_pieces_left", "_event",
-                 "_pieces")
+    __slots__ = ("op", "fd", "offset", "length", "buffers", "buffer", "priority", "deadline",
+                 "result", "error", "completion_index", "submitted_at", "merge", "on_done",
+                 "_pieces_left", "_event", "_pieces")
 
     def __init__(self, op: str, fd: int, offset: int, buffers: list[memoryview],
-                 priority: Priority, deadline: float | None, submitted_at: float) -> None:
+                 priority: Priority, deadline: float | None, submitted_at: float,
+                 merge: bool = True, on_done=None) -> None:
         self.op = op
         self.fd = fd
         self.offset = offset
@@ -56,6 +63,8 @@ class IORequest:
         self.error: Exception | None = None
         self.completion_index: int | None = None
         self.submitted_at = submitted_at
+        self.merge = merge
+        self.on_done = on_done
         self._pieces_left = 0
         self._pieces: list = []       # the pieces not yet taken off the queue
         self._event = threading.Event()

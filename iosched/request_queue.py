@@ -3,9 +3,11 @@ with the index that finds a piece's file neighbours for merging.
 
 `pop_transfer` takes the first piece in order and grows it into a Transfer with the queued
 pieces that continue it in the same file with the same op, forwards then backwards, up to
-`max_bytes` and `max_iov` buffers (a piece may hold several). Neighbours ride along whatever their priority: they cost
-no extra syscall. Promotion pushes a new heap entry and leaves the old one to be skipped
-(lazy deletion), so it is O(log n).
+`max_bytes` and `max_iov` buffers (a piece may hold several). Neighbours ride along whatever
+their priority: they cost no extra syscall. Pieces of a request submitted with merge=False are
+never merged: they are not indexed as neighbours and leave the queue as transfers of their own.
+Promotion pushes a new heap entry and leaves the old one to be skipped (lazy deletion), so it
+is O(log n).
 
 Prior art: the block layer's elevator back/front merges (blk-merge.c), the lazy-deletion heap
 of Python's sched/heapq docs. Left out: reordering by file offset within a class (flash has
@@ -25,8 +27,9 @@ class RequestQueue:
     Attributes:
       _heap: (key, piece) entries; an entry is live iff piece.queued and entry key ==
         piece.key (promotion and removal leave dead entries behind, skipped on pop).
-      _by_start[(fd, op, offset)] / _by_end[(fd, op, end)]: a queued piece starting / ending
-        there (one per position; a second piece at the same position is just not merged).
+      _by_start[(fd, op, offset)] / _by_end[(fd, op, end)]: a queued piece of a merging
+        request starting / ending there (one per position; a second piece at the same position
+        is just not merged).
       _count: number of queued pieces.
     """
 
@@ -45,8 +48,9 @@ class RequestQueue:
         self._count += 1
         heapq.heappush(self._heap, (piece.key, piece))
         r = piece.request
-        self._by_start.setdefault((r.fd, r.op, piece.offset), piece)
-        self._by_end.setdefault((r.fd, r.op, piece.end), piece)
+        if r.merge:
+            self._by_start.setdefault((r.fd, r.op, piece.offset), piece)
+            self._by_end.setdefault((r.fd, r.op, piece.end), piece)
 
     def _remove(self, piece: Piece) -> None:
         assert piece.queued
@@ -81,6 +85,8 @@ class RequestQueue:
             return None
         self._remove(head)
         r = head.request
+        if not r.merge:
+            return Transfer([head])
         pieces = [head]
         total = head.length
         iov = len(head.views)

@@ -4,7 +4,11 @@
 Callers submit (thread-safe, never blocking) and later wait. A request longer than the
 profile's `request_bytes` is split into pieces that run in parallel; queued pieces of the
 same op that continue each other in the same file are merged into one vectored syscall of at
-most `request_bytes`. The queue is served strictly by (priority, deadline, FIFO); a wait on a
+most `request_bytes` (unless a request asks not to be: merge=False). A read may carry work
+for the backend's thread: its on_done runs once its bytes have arrived, before it counts as
+done (swapfs verifies its slots there: at the I/O threads' raised priority, while the device
+works on the next transfers, and without the caller's thread, whose Python would hold the GIL
+the backend needs). The queue is served strictly by (priority, deadline, FIFO); a wait on a
 still-queued request promotes it to WEIGHT_READ, since someone is now blocked on it. A failed
 or short transfer is resubmitted for its missing bytes `retries` times before its requests
 fail with IOReadError/IOWriteError. Backends: io_uring (iosched.uring_backend, a small C ring
@@ -24,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from iosched.aligned_buffer import ALIGN, address_of
@@ -48,7 +52,10 @@ class IOScheduler:
         attempts of a failed/short transfer; backend: the backend object (fixed after init).
       backend_reason: why this backend was chosen.
       _queue: pieces not yet taken by the backend.
-      _outstanding: pieces queued or in flight; drain() waits for 0.
+      _outstanding: pieces queued or in flight, or whose request's on_done has yet to run;
+        drain() waits for 0.
+      _arrived: requests whose bytes have all arrived and whose on_done has not been started
+        (a backend thread runs it: _run_hooks).
       _in_flight[op]: transfers of op taken and not finished; _busy_since[op]: when
         _in_flight[op] last went 0 -> 1 (None iff it is 0); _busy[op]: closed busy seconds.
       _paused: while True the backend takes nothing (a test seam; see _pause).
@@ -70,6 +77,7 @@ class IOScheduler:
         self._cond = threading.Condition(self._lock)
         self._queue = RequestQueue()
         self._outstanding = 0
+        self._arrived: list[IORequest] = []
         self._in_flight = {op: 0 for op in _OPS}
         self._busy_since: dict[str, float | None] = {op: None for op in _OPS}
         self._busy = {op: 0.0 for op in _OPS}
@@ -103,26 +111,34 @@ class IOScheduler:
 
     # -- submitting ----------------------------------------------------------------------
     def submit_read(self, fd: int, offset: int, buffer: Any, *, priority: Priority,
-                    deadline: float | None = None) -> IORequest:
-        return self._submit("read", fd, offset, (buffer,), priority, deadline)
+                    deadline: float | None = None, merge: bool = True) -> IORequest:
+        return self._submit("read", fd, offset, (buffer,), priority, deadline, merge)
 
     def submit_write(self, fd: int, offset: int, buffer: Any, *, priority: Priority,
-                     deadline: float | None = None) -> IORequest:
-        return self._submit("write", fd, offset, (buffer,), priority, deadline)
+                     deadline: float | None = None, merge: bool = True) -> IORequest:
+        return self._submit("write", fd, offset, (buffer,), priority, deadline, merge)
 
     def submit_readv(self, fd: int, offset: int, buffers: Sequence[Any], *, priority: Priority,
-                     deadline: float | None = None) -> IORequest:
+                     deadline: float | None = None, merge: bool = True,
+                     on_done: Callable[[IORequest], None] | None = None) -> IORequest:
         """One request over the contiguous file range starting at `offset` that fills
-        `buffers` in order (scatter): one handle and one wait however many buffers."""
-        return self._submit("read", fd, offset, buffers, priority, deadline)
+        `buffers` in order (scatter): one handle and one wait however many buffers. With
+        merge=False no queued neighbour shares its transfers: a caller that acts on each
+        completion (swapfs verifies each slot) gets them one by one, not together.
+        on_done(request) runs in a backend thread once every byte has arrived, before the
+        request is done (so waiters wake to its work: swapfs's checksums), after the backend
+        has given the device its next transfers; if it raises, the request fails with that
+        exception. It must not submit to or wait on this scheduler."""
+        return self._submit("read", fd, offset, buffers, priority, deadline, merge, on_done)
 
     def submit_writev(self, fd: int, offset: int, buffers: Sequence[Any], *, priority: Priority,
-                      deadline: float | None = None) -> IORequest:
-        """Gather counterpart of submit_readv."""
-        return self._submit("write", fd, offset, buffers, priority, deadline)
+                      deadline: float | None = None, merge: bool = True) -> IORequest:
+        """Gather counterpart of submit_readv (without on_done)."""
+        return self._submit("write", fd, offset, buffers, priority, deadline, merge)
 
     def _submit(self, op: str, fd: int, offset: int, buffers: Sequence[Any], priority: Priority,
-                deadline: float | None) -> IORequest:
+                deadline: float | None, merge: bool,
+                on_done: Callable[[IORequest], None] | None = None) -> IORequest:
         if offset < 0:
             raise ValueError(f"negative file offset {offset}")
         if not buffers:
@@ -130,7 +146,8 @@ class IOScheduler:
         views = [_flat_view(b, op, offset) for b in buffers]
         addrs = [address_of(v) for v in views]
         _check_direct_alignment(fd, offset, views, addrs)
-        req = IORequest(op, fd, offset, views, priority, deadline, time.monotonic())
+        req = IORequest(op, fd, offset, views, priority, deadline, time.monotonic(), merge,
+                        on_done)
         step = self.profile.request_bytes
         with self._lock:
             if self._closing:
@@ -259,17 +276,47 @@ class IOScheduler:
         assert req._pieces_left >= 0
         if err is not None and req.error is None:
             req.error = _bind(err, req)
+        if req._pieces_left == 0 and req.error is None and req.on_done is not None:
+            self._arrived.append(req)       # _run_hooks ends it (and counts its last piece)
+            return
         if req._pieces_left == 0:
-            if req.error is None:
-                req.result = req.length
-            else:
-                self._errors += 1
-            req.completion_index = self._completed
-            self._completed += 1
-            req._event.set()
+            self._end_request(req)
         self._outstanding -= 1
         if self._outstanding == 0:
             self._cond.notify_all()
+
+    def _end_request(self, req: IORequest) -> None:
+        if req.error is None:
+            req.result = req.length
+        else:
+            self._errors += 1
+        req.completion_index = self._completed
+        self._completed += 1
+        req._event.set()
+
+    def _run_hooks(self) -> None:
+        """Run the on_done of the requests that have arrived, then end them. Backends call it
+        without the lock, from their own threads, before they block."""
+        with self._lock:
+            if not self._arrived:
+                return
+            reqs, self._arrived = self._arrived, []
+        for req in reqs:
+            try:
+                req.on_done(req)
+            except Exception as exc:           # the waiter gets it from wait()
+                req.error = exc
+        with self._lock:
+            for req in reqs:
+                self._end_request(req)
+            self._outstanding -= len(reqs)
+            if self._outstanding == 0:
+                self._cond.notify_all()
+
+    def _hooks_waiting(self) -> bool:
+        """Some arrived request waits for _run_hooks (read without the lock by the one
+        backend thread that appends to it)."""
+        return bool(self._arrived)
 
     def _pause(self, paused: bool) -> None:
         """Test seam: while paused the backend takes nothing, so a test can queue a known

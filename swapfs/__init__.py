@@ -7,7 +7,7 @@
   AlignedBuffer    huge-page, O_DIRECT-ready memory (re-exported from iosched.aligned_buffer;
                    allocate the engine's KV arena with it so swap I/O goes straight from and
                    into the arena)
-Module map: checksum, slot_store (O_DIRECT slot file), metadata (SQLite WAL), slot_map
+Module map: checksum (xxh3_native: libxxhash through ctypes), slot_store (O_DIRECT slot file), metadata (SQLite WAL), slot_map
 (SlotMap: free slots, pins, deferred frees, generations), swap_space (SwapSpace, composing
 prefix_tier's PrefixTier and stored_sessions' StoredSessions), pending_commit, export_format
 (kv.bin / import), fuse_view (the pyfuse3 Operations) over view_nodes, view_inodes,

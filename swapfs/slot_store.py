@@ -20,22 +20,38 @@ request ([header, payload pieces..., header, payload pieces...]), so a run costs
 (and one syscall per 256 buffers). A payload is a `BlockBuffer`: one range or several (the
 engine's layer-major arena gives one piece per layer) whose concatenation is the slot's
 payload; a plain buffer is one piece.
-Writes hash a run, submit it, and hash the next while the device works (`submit_write` returns
-with them in flight; `finish_write` waits); reads submit every run in one
-`IOScheduler.batch()` and verify each as it arrives. Reads go at Priority.KV_SWAP_IN and
-writes at KV_WRITE_BACK unless the caller says otherwise. Payloads whose pieces are all 4 KiB
+A write hashes a run and fills in its headers (`_seal_run`), submits it, and hashes the next
+while the device works, so the queue holds hashed runs whenever a wave of transfers ends
+(`submit_write` returns with them in flight; `finish_write` waits). A read submits all its
+runs in one `IOScheduler.batch()`, each with an on_done hook that verifies it as soon as it
+has landed (`_check_run`), in the I/O backend's thread after it has given the device its
+next transfers: at the I/O threads' raised priority, while later runs are read, and with the
+caller's thread asleep instead of holding the GIL the dispatcher needs (on this shared 2-core
+VM it was often preempted holding it). With the system's libxxhash the checksum itself runs
+with the GIL released (swapfs.checksum), so the dispatcher goes on while a write's runs are
+hashed; with the xxhash package the writer yields after each submission. A slot read counts
+only once verified, and the transfers in flight land together (this VM's disk
+ends 8 reads of 4 MiB all at ~16 ms), so whatever lands last is verified after the last
+byte has come. Read runs therefore shrink toward the end of a batch: a run is at most 1/depth
+of the slots still to read (depth = the scheduler's queue depth) and is not merged with its
+neighbours, so each wave of transfers in flight is a fixed fraction of what remains and the
+last one, the only verification that overlaps no read, is a few slots (64 slots at depth 8
+and 4 MiB requests go in waves of 39, 19 and 6). Reads go at Priority.KV_SWAP_IN and writes
+at KV_WRITE_BACK unless the caller says otherwise. Payloads whose pieces are all 4 KiB
 aligned in address and length (and fill the slot's padded payload area) go to the kernel as
 they are (zero copy); others are gathered into / scattered from huge-page bounce scratch.
 Slot headers and bounce areas are lent per batch by a ScratchPool.
 Durability is the caller's: `sync()` is fdatasync, to be called before committing metadata.
 
-Prior art: Linux swap's slot map, vLLM's CPU swap space, s3ql's block cache. Left out:
-compression, more than one file.
+Prior art: Linux swap's slot map, vLLM's CPU swap space, s3ql's block cache; the block
+layer's data integrity (bio_integrity: protection generated at submission, verified in a
+workqueue at completion). Left out: compression, more than one file.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import struct
 import threading
@@ -84,8 +100,9 @@ class PendingWrite:
     """A batch submitted to the scheduler and not yet finished (SlotStore.submit_write).
 
     requests: one vectored IORequest per run of consecutive slots; crcs: each payload's
-    checksum, in item order; scratch: its I/O vectors, None once returned to the pool (after
-    every request ended); result: None until finish_write, then the checksums or the error.
+    checksum, in item order (set as its run is hashed; unused by reads); scratch: its I/O
+    vectors, None once returned to the pool (after every request ended); result: None until
+    finish_write, then the checksums or the error.
     """
     scratch: _Scratch | None
     started: float
@@ -114,6 +131,9 @@ class SlotStore:
         by this store (closed with it) rather than passed in.
       bytes_read / bytes_written / read_seconds / write_seconds: cumulative, under `_lock`.
       _pool: scratch (slot headers, bounce areas) lent to one batch until its I/O is over.
+      _checksum: the payload checksum (of a BlockBuffer's pieces), run by the writer's thread
+        (_seal_run) and the I/O backend's (_check_run); _hash_holds_gil: it keeps other
+        threads waiting while it runs (swapfs.checksum.releases_gil).
     """
 
     def __init__(self, path: str, payload_bytes: int, num_slots: int, layout_id: int, *,
@@ -193,6 +213,7 @@ class SlotStore:
             del view
         self.checksum_name = algorithm
         self._checksum = checksum.get_pieces(algorithm)
+        self._hash_holds_gil = not checksum.releases_gil(algorithm)
 
     def _super(self, algorithm: str) -> bytes:
         head = _SUPER.pack(_SUPER_MAGIC, 1, self.layout_id, self.payload_bytes, self.num_slots,
@@ -255,32 +276,21 @@ class SlotStore:
         hashed, so hashing overlaps the device's work; the first run is a single slot so
         the device starts after one checksum."""
         items = self._buffers(items, writable=False)
-        pending = PendingWrite(self._lend(items), time.perf_counter())
+        pending = PendingWrite(self._lend(items), time.perf_counter(), crcs=[0] * len(items))
         if not items:
             return pending
         iov, heads = pending.scratch.iov, pending.scratch.heads
-        areas = pending.scratch.areas
         sched = self.scheduler
+        assert sched is not None, "SlotStore used after close()"
         try:
             for a, b in self._runs(items, first_alone=True):
-                for k in range(a, b):
-                    (slot_id, gen, payload), (_area, bounced) = items[k], areas[k]
-                    if bounced:
-                        padded = iov[heads[k] + 1]          # the bounce area, padded
-                        payload.gather_into(padded)
-                        padded[payload.nbytes:] = bytes(len(padded) - payload.nbytes)
-                    crc = self._checksum(payload.pieces)
-                    head = _HEADER.pack(_HEADER_MAGIC, self.layout_id, slot_id, gen,
-                                        payload.nbytes, crc)
-                    hdr = iov[heads[k]]
-                    hdr[:_HEADER.size] = head
-                    hdr[_HEADER.size:_HEADER.size + 4] = _CRC.pack(zlib.crc32(head))
-                    pending.crcs.append(crc)
+                self._seal_run(items, pending.scratch, pending.crcs, a, b)
                 pending.requests.append(sched.submit_writev(
                     self._fd, self._offset(items[a][0]), iov[heads[a]:heads[b]],
                     priority=priority))
-                time.sleep(0)   # let the backend's thread take it now (GIL) rather than
-                                # after the next switch interval, 5 ms of hashing later
+                if self._hash_holds_gil:
+                    time.sleep(0)   # let the backend's thread take it now (GIL) rather than
+                                    # after the next switch interval, 5 ms of hashing later
         except BaseException:
             self._settle(pending, write=True)   # what went out must land before scratch goes
             raise
@@ -301,8 +311,9 @@ class SlotStore:
              priority: Priority = Priority.KV_SWAP_IN) -> list[SwapError | None]:
         """Read (slot_id, expected generation, destination) items; returns per item None
         (destination holds the verified payload) or the SwapError that hit it (destination
-        content undefined). Every run of consecutive slots is one vectored request, all
-        submitted at once; a run is verified as soon as it has arrived, while the rest are
+        content undefined). Every run of consecutive slots is one vectored request (runs
+        shrink toward the end: see the module docstring), all submitted at once; the I/O
+        backend's thread verifies each run as soon as it has arrived, while the rest are
         still being read."""
         items = self._buffers(items, writable=True)
         if not items:
@@ -310,36 +321,28 @@ class SlotStore:
         t0 = time.perf_counter()
         pending = PendingWrite(self._lend(items), t0)    # the same bookkeeping, for reads
         iov, heads = pending.scratch.iov, pending.scratch.heads
-        areas = pending.scratch.areas
         sched = self.scheduler
-        runs = self._runs(items, first_alone=False)
+        assert sched is not None, "SlotStore used after close()"
+        runs = self._runs(items, shrinking=True)
+        results: list[SwapError | None] = [None] * len(items)
         try:
             with sched.batch():
                 for a, b in runs:
                     pending.requests.append(sched.submit_readv(
                         self._fd, self._offset(items[a][0]), iov[heads[a]:heads[b]],
-                        priority=priority))
+                        priority=priority, merge=False, on_done=functools.partial(
+                            self._check_run, items, pending.scratch, results, a, b)))
         except BaseException:
             self._settle(pending, write=False)
             raise
-        results: list[SwapError | None] = []
-        first = None
         try:
-            for (a, b), req in zip(runs, pending.requests):
-                failed = self._wait(req, write=False)
-                first = first or failed
-                for k in range(a, b):
-                    if failed is not None:
-                        results.append(failed)
-                        continue
-                    (slot_id, gen, into), (area, bounced) = items[k], areas[k]
-                    error = self._verify(slot_id, gen,
-                                         bytes(iov[heads[k]][:_HEADER.size + 4]), area)
-                    if error is None and bounced:
-                        into.scatter_from(area.pieces[0])
-                    results.append(error)
+            failed = [self._wait(req, write=False) for req in reversed(pending.requests)][::-1]
         finally:
             self._settle(pending, write=False)
+        for (a, b), error in zip(runs, failed):
+            if error is not None:
+                results[a:b] = [error] * (b - a)
+        first = next((e for e in failed if e is not None), None)
         self._account(len(items), time.perf_counter() - t0, write=False)
         if first is not None:
             raise first
@@ -380,15 +383,20 @@ class SlotStore:
     def _offset(self, slot_id: int) -> int:
         return SUPER_BYTES + slot_id * self.stride
 
-    def _runs(self, items, *, first_alone: bool) -> list[tuple[int, int]]:
+    def _runs(self, items, *, first_alone: bool = False,
+              shrinking: bool = False) -> list[tuple[int, int]]:
         """[a, b) index ranges of items whose slots follow each other in the file, each at
-        most a scheduler request's worth (the first one a single slot if `first_alone`)."""
-        assert self.scheduler is not None, "SlotStore used after close()"
-        group = max(1, self.scheduler.profile.request_bytes // self.stride)
+        most a scheduler request's worth; the first one a single slot if `first_alone`; each
+        at most 1/queue depth of the items from its start on (rounded up) if `shrinking`."""
+        profile = self.scheduler.profile
+        group = max(1, profile.request_bytes // self.stride)
+        n = len(items)
         runs = []
         a = 0
-        for k in range(1, len(items) + 1):
-            if k == len(items) or items[k][0] != items[k - 1][0] + 1 or k - a >= group or \
+        for k in range(1, n + 1):
+            if shrinking and k - a == 1:
+                group = min(group, -(-(n - a) // profile.queue_depth))
+            if k == n or items[k][0] != items[k - 1][0] + 1 or k - a >= group or \
                     (first_alone and not runs):
                 runs.append((a, k))
                 a = k
@@ -410,13 +418,18 @@ class SlotStore:
     def _settle(self, pending: PendingWrite, *, write: bool) -> SwapError | None:
         """Wait for every request of `pending`, then return its scratch to the pool; the
         first failure (None if none)."""
-        first = None
-        for req in pending.requests:
-            first = first or self._wait(req, write=write)
+        first = unexpected = None
+        for req in reversed(pending.requests):  # the last ends last: one wake-up, not one
+            try:                                # per wave of transfers
+                first = self._wait(req, write=write) or first
+            except Exception as exc:        # a hook's bug: the rest must still end first
+                unexpected = exc
         scratch, pending.scratch = pending.scratch, None
         if scratch is not None:
             for kind, buf in scratch.borrowed:
                 self._pool.give_back(kind, buf)
+        if unexpected is not None:
+            raise unexpected
         return first
 
     def _lend(self, items) -> _Scratch:
@@ -444,20 +457,51 @@ class SlotStore:
         scratch.heads.append(len(scratch.iov))
         return scratch
 
-    def _verify(self, slot_id: int, gen: int, header: bytes, payload: BlockBuffer):
+    def _seal_run(self, items, scratch: _Scratch, crcs: list[int], a: int, b: int) -> None:
+        """Hash the payloads of write items [a, b) into crcs[k] and their headers (gather
+        them into their bounce areas first, if any)."""
+        for k in range(a, b):
+            (slot_id, gen, payload), (_area, bounced) = items[k], scratch.areas[k]
+            if bounced:
+                padded = scratch.iov[scratch.heads[k] + 1]     # the bounce area, padded
+                payload.gather_into(padded)
+                padded[payload.nbytes:] = bytes(len(padded) - payload.nbytes)
+            crcs[k] = self._checksum(payload.pieces)
+            head = _HEADER.pack(_HEADER_MAGIC, self.layout_id, slot_id, gen, payload.nbytes,
+                                crcs[k])
+            hdr = scratch.iov[scratch.heads[k]]
+            hdr[:_HEADER.size] = head
+            hdr[_HEADER.size:_HEADER.size + 4] = _CRC.pack(zlib.crc32(head))
+
+    def _check_run(self, items, scratch: _Scratch, results: list, a: int, b: int,
+                   _request) -> None:
+        """results[k] = None or the SlotCorruptError of read item k, for k in [a, b), whose
+        bytes have landed (copied out of their bounce area when verified). The on_done of a
+        read run: the I/O backend's thread runs it as soon as the run has landed, at the
+        backend's raised priority and while the device reads the next runs, so the caller's
+        thread sleeps through the batch (its Python would hold the GIL the backend needs)."""
+        for k in range(a, b):
+            (slot_id, gen, into), (area, bounced) = items[k], scratch.areas[k]
+            header = bytes(scratch.iov[scratch.heads[k]][:_HEADER.size + 4])
+            results[k] = self._verify(slot_id, gen, header, area.nbytes,
+                                      self._checksum(area.pieces))
+            if results[k] is None and bounced:
+                into.scatter_from(area.pieces[0])
+
+    def _verify(self, slot_id: int, gen: int, header: bytes, nbytes: int, payload_crc: int):
         magic, layout_id, got_slot, got_gen, length, crc = _HEADER.unpack_from(header)
         where = f"swap slot {slot_id} of {self.path}"
         if magic != _HEADER_MAGIC or _CRC.unpack_from(header, _HEADER.size)[0] != \
                 zlib.crc32(header[:_HEADER.size]):
             return SlotCorruptError(f"{where}: header is not valid (torn or never written);"
                                     " the block will be recomputed")
-        if layout_id != self.layout_id or got_slot != slot_id or length != payload.nbytes:
+        if layout_id != self.layout_id or got_slot != slot_id or length != nbytes:
             return SlotCorruptError(f"{where}: header belongs to another layout or slot;"
                                     " the block will be recomputed")
         if got_gen != gen:
             return SlotCorruptError(f"{where}: generation {got_gen}, expected {gen} (overwritten"
                                     " or torn); the block will be recomputed")
-        if self._checksum(payload.pieces) != crc:
+        if payload_crc != crc:
             return SlotCorruptError(f"{where}: payload checksum mismatch (torn write or bit rot);"
                                     " the block will be recomputed")
         return None

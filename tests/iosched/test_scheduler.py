@@ -74,6 +74,28 @@ def test_merge_stops_at_request_bytes(backend, data, buf):
         assert bytes(buf.view[:MiB]) == content[:MiB]
 
 
+def test_requests_without_merge_go_alone(backend, data, buf):
+    _, content, fd = data
+    with make(backend, qd=1) as s:
+        s._pause(True)
+        half = [s.submit_read(fd, i * 128 * KiB, buf.view[i * 128 * KiB:(i + 1) * 128 * KiB],
+                              priority=Priority.KV_SWAP_IN, merge=i % 2 == 0) for i in range(4)]
+        s._pause(False)
+        for r in half:
+            s.wait(r)
+        assert s.statistics().merges == 0       # every neighbour of a mergeable one is not
+        assert bytes(buf.view[:512 * KiB]) == content[:512 * KiB]
+        s._pause(True)
+        apart = s.submit_readv(fd, 0, [buf.view[:64 * KiB], buf.view[64 * KiB:256 * KiB]],
+                               priority=Priority.KV_SWAP_IN, merge=False)
+        along = s.submit_read(fd, 256 * KiB, buf.view[256 * KiB:512 * KiB],
+                              priority=Priority.KV_SWAP_IN)
+        s._pause(False)
+        s.wait(apart), s.wait(along)
+        assert s.statistics().merges == 0 and apart.completion_index != along.completion_index
+        assert bytes(buf.view[:512 * KiB]) == content[:512 * KiB]
+
+
 def test_big_request_is_split(backend, data, buf):
     _, content, fd = data
     with make(backend, qd=4, request_bytes=512 * KiB) as s:
@@ -284,3 +306,34 @@ def test_new_work_is_served_while_a_transfer_is_in_flight(backend, data, buf):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_on_done_runs_in_a_backend_thread_before_the_request_is_done(backend, data, buf):
+    """on_done sees the bytes that arrived, in a backend's thread, and the waiter wakes
+    after it returned; one that raises fails its request with that exception, and the
+    scheduler goes on."""
+    import threading
+    _, content, fd = data
+    seen = []
+
+    def check(req):
+        seen.append((threading.current_thread().name, bytes(req.buffers[1][:16]), req.done()))
+
+    with make(backend, qd=2, request_bytes=256 * KiB) as s:
+        views = [buf.view[:4 * KiB], buf.view[MiB:MiB + 600 * KiB]]        # split in 3
+        req = s.submit_readv(fd, 0, views, priority=Priority.KV_SWAP_IN, on_done=check)
+        assert s.wait(req) == 604 * KiB
+        assert len(seen) == 1 and seen[0][0].startswith("test-")
+        assert seen[0][1] == content[4 * KiB:4 * KiB + 16] and seen[0][2] is False
+
+        def broken(req):
+            raise RuntimeError("checksum mismatch")
+
+        bad = s.submit_readv(fd, 0, [buf.view[:64 * KiB]], priority=Priority.KV_SWAP_IN,
+                             on_done=broken)
+        with pytest.raises(RuntimeError, match="checksum mismatch"):
+            s.wait(bad)
+        assert bad.done() and s.read(fd, 0, buf.view[:64 * KiB]) == 64 * KiB
+        s.drain()
+        assert s.statistics().errors == 1
+

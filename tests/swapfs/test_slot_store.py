@@ -151,6 +151,28 @@ def test_runs_of_consecutive_slots_are_one_request_each_and_writes_can_stay_in_f
     assert all((o == payload(s)).all() for s, o in zip(order, outs))
 
 
+def test_read_runs_shrink_toward_the_end_and_are_not_merged(swap_dir):
+    """A read batch goes in runs of at most 1/queue depth of the slots still to read: each
+    wave of transfers in flight is a fraction of what remains and the last is short (its
+    checksums are the only ones no read overlaps). The scheduler keeps them apart."""
+    st = SlotStore(os.path.join(swap_dir, "r.slots"), BB, 24, layout_id=42, io_threads=4)
+    try:
+        bufs = [np.asarray(payload(s)) for s in range(20)]
+        st.write([(s, 1, memoryview(b)) for s, b in enumerate(bufs)])
+        runs = st._runs([(s, 1, None) for s in range(20)], shrinking=True)
+        assert [b - a for a, b in runs] == [5, 4, 3, 2, 2, 1, 1, 1, 1]
+        before = st.scheduler.statistics()
+        outs = [np.zeros(BB, dtype=np.uint8) for _ in bufs]
+        assert st.read([(s, 1, memoryview(o)) for s, o in enumerate(outs)]) == [None] * 20
+        after = st.scheduler.statistics()
+        assert after.merges == before.merges
+        assert after.requests_by_priority["KV_SWAP_IN"] - \
+            before.requests_by_priority["KV_SWAP_IN"] == len(runs)
+        assert all((o == b).all() for o, b in zip(outs, bufs))
+    finally:
+        st.close()
+
+
 def test_pieces_round_trip_zero_copy_and_bounced(store):
     """A payload given as pieces (the layer-major arena gives one per layer) is stored as
     their concatenation: it reads back whole or in other pieces, with the same checksum as
