@@ -92,7 +92,7 @@ fi
 
 # ---------------------------------------------------------------- install
 [ -x "$PY" ] || die "$PY is missing; install python3 (apt-get install python3 python3-venv)"
-APT_PKGS=(fuse3 liburing-dev g++ python3-dev python3-venv libomp5-14)
+APT_PKGS=(fuse3 liburing-dev g++ python3-dev python3-venv libomp5-14 libxxhash0)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

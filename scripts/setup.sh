@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 
-APT_PKGS=(fuse3 libfuse3-dev pkg-config python3-bpfcc bpfcc-tools linux-headers-amd64 sqlite3 liburing-dev g++ python3-dev libomp5-14)
+APT_PKGS=(fuse3 libfuse3-dev pkg-config python3-bpfcc bpfcc-tools linux-headers-amd64 sqlite3 liburing-dev g++ python3-dev libomp5-14 libxxhash0)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
