@@ -152,38 +152,59 @@ inline void interleave_tiles(int64_t* rows, int64_t n_all, int64_t* tmp) {
   }
 }
 
-// The K and V row offsets (all KV heads) of sequence s's tokens [t0, t1) in the order the
-// chunks read them, then kTile + kPrefetch more that repeat the last (a partial last tile
-// reads them, and prefetches look kPrefetch tokens ahead).
+// The K and V row offsets (all KV heads) of sequence s's tokens [t0, t1), n = t1 - t0 of
+// them, in the order the chunks read them.
 template <typename T>
-void row_offsets(const DecodeArgs<T>& a, int64_t s, int64_t t0, int64_t t1, Scratch& w) {
-  const int64_t n_all = t1 - t0, pad = kTile + kPrefetch, bs = a.block_size;
-  const int64_t row_stride = a.kv_heads * a.head_dim;
-  if (static_cast<int64_t>(w.k_rows.size()) < n_all + pad) {
-    w.k_rows.resize(n_all + pad);
-    w.v_rows.resize(n_all + pad);
-  }
-  int64_t* k_rows = w.k_rows.data();
-  int64_t* v_rows = w.v_rows.data();
+void fill_rows(const DecodeArgs<T>& a, int64_t s, int64_t t0, int64_t n, int64_t* k_rows,
+               int64_t* v_rows) {
+  const int64_t bs = a.block_size, row_stride = a.kv_heads * a.head_dim;
   const int32_t* table = a.tables + s * a.table_cols;
   int64_t col = t0 / bs, slot = t0 % bs;
-  for (int64_t i = 0; i < n_all;) {
+  for (int64_t i = 0; i < n;) {
     const int64_t block = table[col];
     const int64_t k_base = block * a.k_block_stride, v_base = block * a.v_block_stride;
-    for (; slot < bs && i < n_all; ++slot, ++i) {
+    for (; slot < bs && i < n; ++slot, ++i) {
       k_rows[i] = k_base + slot * row_stride;
       v_rows[i] = v_base + slot * row_stride;
     }
     slot = 0;
     ++col;
   }
-  for (int64_t i = n_all; i < n_all + pad; ++i) {
+  int64_t tmp[kChunk];
+  interleave_tiles(k_rows, n, tmp);
+  interleave_tiles(v_rows, n, tmp);
+}
+
+// A unit's row offsets (fill_rows) in w.k_rows / w.v_rows, followed by kTile repeats of the
+// last (a partial last tile reads them) and then the first kPrefetch rows of the unit the
+// thread runs next, tokens [n0, n1) of sequence ns (ns < 0: none; the last row repeats), so
+// that the prefetches of the last chunk, kPrefetch tokens ahead, start on the next unit's
+// blocks instead of idling.
+template <typename T>
+void row_offsets(const DecodeArgs<T>& a, int64_t s, int64_t t0, int64_t t1, int64_t ns,
+                 int64_t n0, int64_t n1, Scratch& w) {
+  const int64_t n_all = t1 - t0, size = n_all + kTile + kChunk;
+  if (static_cast<int64_t>(w.k_rows.size()) < size) {
+    w.k_rows.resize(size);
+    w.v_rows.resize(size);
+  }
+  int64_t* k_rows = w.k_rows.data();
+  int64_t* v_rows = w.v_rows.data();
+  fill_rows(a, s, t0, n_all, k_rows, v_rows);
+  for (int64_t i = n_all; i < n_all + kTile; ++i) {
     k_rows[i] = k_rows[n_all - 1];
     v_rows[i] = v_rows[n_all - 1];
   }
-  int64_t tmp[kChunk];
-  interleave_tiles(k_rows, n_all, tmp);
-  interleave_tiles(v_rows, n_all, tmp);
+  const int64_t ahead = n_all + kTile;
+  int64_t filled = 0;
+  if (ns >= 0 && n1 > n0) {
+    filled = std::min(kChunk, n1 - n0);
+    fill_rows(a, ns, n0, filled, k_rows + ahead, v_rows + ahead);
+  }
+  for (int64_t i = ahead + filled; i < ahead + kPrefetch; ++i) {
+    k_rows[i] = k_rows[i - 1];
+    v_rows[i] = v_rows[i - 1];
+  }
 }
 
 // One online-softmax step of query head g over the scores sg[0..n) of a chunk: leaves
@@ -214,7 +235,8 @@ inline void softmax_step(float* sg, int64_t n, int64_t padded, float& m, float& 
 // the running max in m, the sum of exp(score - max) in l and the unnormalized output in acc.
 // kD is head_dim when it is a compile-time constant, else 0; head_dim is a multiple of kLanes.
 template <typename T, int kD>
-void attend(const DecodeArgs<T>& a, int64_t s, int64_t t0, int64_t t1, Scratch& w) {
+void attend(const DecodeArgs<T>& a, int64_t s, int64_t t0, int64_t t1, int64_t ns, int64_t n0,
+            int64_t n1, Scratch& w) {
   const int64_t D = kD > 0 ? kD : a.head_dim;
   const int64_t G = a.group, H = a.num_heads;
   float* __restrict qf = w.q.data();
@@ -227,7 +249,7 @@ void attend(const DecodeArgs<T>& a, int64_t s, int64_t t0, int64_t t1, Scratch& 
   std::fill(acc, acc + H * D, 0.0f);
   std::fill(w.m.begin(), w.m.end(), kNegInf);
   std::fill(w.l.begin(), w.l.end(), 0.0f);
-  row_offsets(a, s, t0, t1, w);
+  row_offsets(a, s, t0, t1, ns, n0, n1, w);
   const int64_t n_all = t1 - t0, row_bytes = D * static_cast<int64_t>(sizeof(T));
   const float* rows[kTile];
   for (int64_t c0 = 0; c0 < n_all; c0 += kChunk) {
@@ -286,16 +308,22 @@ template <typename T, int kD>
 void decode_units(const DecodeArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t D = kD > 0 ? kD : a.head_dim, H = a.num_heads;
   Scratch w(H, D);
+  auto range = [&](int64_t unit, int64_t& s, int64_t& t0, int64_t& t1) {
+    const int64_t part = unit % a.splits, len = a.lens[unit / a.splits];
+    s = unit / a.splits;
+    t0 = len * part / a.splits;
+    t1 = len * (part + 1) / a.splits;
+  };
   for (int64_t unit = begin; unit < end; ++unit) {
-    const int64_t part = unit % a.splits, s = unit / a.splits;
-    const int64_t len = a.lens[s];
-    const int64_t t0 = len * part / a.splits, t1 = len * (part + 1) / a.splits;
+    int64_t s, t0, t1, ns = -1, n0 = 0, n1 = 0;
+    range(unit, s, t0, t1);
     if (t0 == t1) {                      // an empty split (context shorter than splits)
       float* dst = a.partial + unit * H * (D + 2);
       for (int64_t h = 0; h < H; ++h, dst += D + 2) dst[D + 1] = 0.0f;
       continue;
     }
-    attend<T, kD>(a, s, t0, t1, w);
+    if (unit + 1 < end) range(unit + 1, ns, n0, n1);
+    attend<T, kD>(a, s, t0, t1, ns, n0, n1, w);
     if (a.splits == 1) {
       for (int64_t h = 0; h < H; ++h) {
         const float inv = 1.0f / w.l[h];
