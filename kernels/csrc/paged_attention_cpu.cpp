@@ -1,18 +1,31 @@
 // Paged-attention decode and the KV write for CPU tensors, reading the cache in place.
 //
-// Decode: one work unit is (sequence, KV head, context split). A unit first turns its token
-// range into the offsets of each token's K and V row through the block table (no gather
-// copy), then walks it in chunks of kChunk tokens: the scores of all the group's query heads
-// against the chunk's K rows are computed (GQA: each K/V row is read once per group, and
-// stays in L1 while the group uses it), then one online-softmax step in float32 rescales the
-// running max/sum/accumulator, and the V rows are accumulated. Paged rows do not follow each other in memory, so the hardware prefetchers
-// lose the stream at every block edge; the kernel prefetches instead, from the row offsets:
-// K rows kPrefetch tokens ahead into L1 and each chunk's V rows into L2 during the score
-// pass, V rows kPrefetch ahead into L1 during the accumulation (`kvmm bench decode
-// --attention-only` measures paged against the same data in order). Splits exist only for
-// parallelism (batch 1-2 has fewer (sequence, KV head)
-// units than threads can share evenly); the partial results of a unit's splits are merged by
-// their log-sum-exp afterwards, as in vLLM's paged_attention_v2 / flash-decoding.
+// Decode: one work unit is (sequence, context split) and covers all of the sequence's heads.
+// A unit first turns its token range into the offsets of each token's K and V row (all KV
+// heads) through the block table (no gather copy), then walks it in chunks of kChunk tokens
+// (8 blocks of 16). Within a chunk, KV head by KV head: the scores of the head's group of
+// query heads against the chunk's K rows (GQA: each K/V row is read once per group), one
+// online-softmax step in float32 that rescales the group's running max/sum/accumulator, and
+// the accumulation of the V rows. A chunk's rows come from memory with the first head's
+// passes and stay in L2 for the others. (Units of one (sequence, KV head), as before, streamed
+// a sequence's whole context once per KV head; past what L2 holds, the same rows came from
+// memory again for each head, whose lines the stream prefetcher had likely fetched already:
+// batch 8 x context 2048 took 2.75 ms then, 2.15 ms now, on the compact copy.)
+//
+// Memory-level parallelism: a block is one short run of memory (24 KiB of K and V per layer
+// for SmolLM2), and the hardware stream prefetcher starts over at each run, so reading a
+// sequence's blocks one after another loses against the same bytes in order, where the
+// stream runs on from block to block (a C scan of 8 layers of 512 such runs, 1 thread, load
+// ~5: 12 GB/s scattered, 15-20 GB/s in order). The kernel therefore takes a chunk's 4-token
+// tiles from kWays evenly spaced parts of it in turn (attention does not depend on the order
+// of its keys), so kWays streams, each about two blocks long, are in flight at once (the
+// scan reading 4-8 runs at a time: 15 GB/s scattered). On top of the hardware streams, K rows are
+// prefetched kPrefetch tokens ahead (in the tiles' order) into L1 and each tile's V rows into
+// L2 during the score pass, V rows kPrefetch ahead into L1 during the accumulation.
+// `kvmm bench decode --attention-only` measures paged against the same data in order.
+// Splits exist only for parallelism (batch 1-2 has fewer sequences than threads can share
+// evenly); the partial results of a unit's splits are merged by their log-sum-exp afterwards,
+// as in vLLM's paged_attention_v2 / flash-decoding.
 //
 // The inner loops run over head_dim in GCC vector types of the target's width (simd.h: 16
 // floats with AVX-512, as -march=native gives here), rows taken 4 tokens at a time: one query
@@ -21,13 +34,13 @@
 // vectors (libm's expf does not vectorize without -ffast-math), accurate to a few ulps.
 //
 // Caches are [num_blocks, block_size, num_kv_heads, head_dim] with the three inner dims
-// contiguous and any block stride (per-layer views of the KV arena, which is layer-major so
-// that a layer's blocks lie close together: kvmm_daemon/kv/kv_cache.py); float32 or bfloat16
-// (bfloat16 rows are widened to float32 in a small tile buffer); head_dim a multiple of the
-// vector width (the Python side sends only multiples of 16). The metadata is validated before
-// any cache row is touched: a block id outside [0, num_blocks) inside a sequence's context
-// raises ValueError, so -1 padding past a sequence's blocks is never dereferenced, whatever
-// the caller checked.
+// contiguous and any block stride (per-layer views of the KV arena, kvmm_daemon/kv/
+// kv_cache.py: block-major by default, so a layer's blocks lie 30 layers' worth apart);
+// float32 or bfloat16 (bfloat16 rows are widened to float32 in a small tile buffer); head_dim
+// a multiple of the vector width (the Python side sends only multiples of 16). The metadata
+// is validated before any cache row is touched: a block id outside [0, num_blocks) inside a
+// sequence's context raises ValueError, so -1 padding past a sequence's blocks is never
+// dereferenced, whatever the caller checked.
 //
 // Prior art: vLLM's csrc/cpu attention kernels (which reshape K into a vector-friendly layout;
 // here K keeps the engine's layout, since swapfs moves blocks byte for byte). Left out: float16
@@ -53,7 +66,8 @@ using namespace kvmm_simd;
 
 constexpr int64_t kTile = 4;            // tokens whose K (or V) rows are combined at once
 constexpr int64_t kChunk = 128;         // tokens per online-softmax step, a multiple of kLanes
-constexpr int64_t kPrefetch = 16;       // tokens ahead whose rows are prefetched, a multiple of kTile
+constexpr int64_t kWays = 4;            // memory streams a chunk's tiles are taken from in turn
+constexpr int64_t kPrefetch = 32;       // tokens ahead whose rows are prefetched, a multiple of kTile
 constexpr int64_t kMinSplitTokens = 64;  // a context split covers at least this many tokens
 constexpr int64_t kMinTaskTokens = 512;  // a thread is woken for at least this many K/V rows
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -79,17 +93,18 @@ struct DecodeArgs {
   int64_t table_cols;
   const int32_t* lens;
   T* out;                  // [num_seqs, num_heads, head_dim], contiguous
-  float* partial;          // [units * splits, group, head_dim + 2] when splits > 1
+  float* partial;          // [num_seqs * splits, num_heads, head_dim + 2] when splits > 1
   int64_t num_heads, kv_heads, head_dim, block_size, group, splits;
   float scale;
 };
 
-// Per-thread buffers of a decode unit.
+// Per-thread buffers of a decode unit: the query, scores, running max/sum and accumulator of
+// every query head, a bfloat16 tile widened, and the row offsets of the unit's tokens.
 struct Scratch {
   std::vector<float> q, scores, acc, m, l, tile;
   std::vector<int64_t> k_rows, v_rows;
-  Scratch(int64_t group, int64_t head_dim)
-      : q(group * head_dim), scores(group * kChunk), acc(group * head_dim), m(group), l(group),
+  Scratch(int64_t heads, int64_t head_dim)
+      : q(heads * head_dim), scores(heads * kChunk), acc(heads * head_dim), m(heads), l(heads),
         tile(kTile * head_dim) {}
 };
 
@@ -117,113 +132,172 @@ inline void tile_rows(const uint16_t* base, const int64_t* rows, float* buf, int
   }
 }
 
-// Attention of sequence s's group of query heads on KV head h over tokens [t0, t1): leaves
-// the running max in m, the sum of exp(score - max) in l and the unnormalized output in acc.
-// kD is head_dim when it is a compile-time constant, else 0; head_dim is a multiple of kLanes.
-template <typename T, int kD>
-void attend(const DecodeArgs<T>& a, int64_t s, int64_t h, int64_t t0, int64_t t1,
-            Scratch& w) {
-  const int64_t D = kD > 0 ? kD : a.head_dim;
-  const int64_t G = a.group, bs = a.block_size, row_stride = a.kv_heads * D;
-  float* __restrict qf = w.q.data();
-  float* __restrict sc = w.scores.data();
-  float* __restrict acc = w.acc.data();
-  float* __restrict m = w.m.data();
-  float* __restrict l = w.l.data();
-  for (int64_t g = 0; g < G; ++g) {
-    const T* src = a.q + s * a.q_seq_stride + (h * G + g) * a.q_head_stride;
-    for (int64_t d = 0; d < D; ++d) qf[g * D + d] = load_scalar(src + d) * a.scale;
+// Reorders each chunk's whole tiles so that tile after tile comes from kWays evenly spaced
+// parts of the chunk in turn (a chunk of 32 tiles: 0, 8, 16, 24, 1, 9, ...); a partial last
+// tile stays last, where the score pass masks it. tmp holds kChunk offsets.
+inline void interleave_tiles(int64_t* rows, int64_t n_all, int64_t* tmp) {
+  for (int64_t c0 = 0; c0 < n_all; c0 += kChunk) {
+    const int64_t tiles = std::min(kChunk, n_all - c0) / kTile;
+    const int64_t per_way = (tiles + kWays - 1) / kWays;
+    int64_t at = 0;
+    for (int64_t r = 0; r < per_way; ++r) {
+      for (int64_t way = 0; way < kWays; ++way) {
+        const int64_t tile = way * per_way + r;
+        if (tile >= tiles) continue;
+        std::memcpy(tmp + at, rows + c0 + tile * kTile, kTile * sizeof(int64_t));
+        at += kTile;
+      }
+    }
+    std::memcpy(rows + c0, tmp, at * sizeof(int64_t));
   }
-  std::fill(acc, acc + G * D, 0.0f);
-  std::fill(m, m + G, kNegInf);
-  std::fill(l, l + G, 0.0f);
-  // the K and V row of every token of the range, then a few rows beyond it that repeat the
-  // last (a partial last tile reads them, and prefetches look kPrefetch tokens ahead)
-  const int64_t n_all = t1 - t0, pad = kTile + kPrefetch;
-  if (static_cast<int64_t>(w.k_rows.size()) < n_all + pad) {
-    w.k_rows.resize(n_all + pad);
-    w.v_rows.resize(n_all + pad);
+}
+
+// The K and V row offsets (all KV heads) of sequence s's tokens [t0, t1), n = t1 - t0 of
+// them, in the order the chunks read them.
+template <typename T>
+void fill_rows(const DecodeArgs<T>& a, int64_t s, int64_t t0, int64_t n, int64_t* k_rows,
+               int64_t* v_rows) {
+  const int64_t bs = a.block_size, row_stride = a.kv_heads * a.head_dim;
+  const int32_t* table = a.tables + s * a.table_cols;
+  int64_t col = t0 / bs, slot = t0 % bs;
+  for (int64_t i = 0; i < n;) {
+    const int64_t block = table[col];
+    const int64_t k_base = block * a.k_block_stride, v_base = block * a.v_block_stride;
+    for (; slot < bs && i < n; ++slot, ++i) {
+      k_rows[i] = k_base + slot * row_stride;
+      v_rows[i] = v_base + slot * row_stride;
+    }
+    slot = 0;
+    ++col;
+  }
+  int64_t tmp[kChunk];
+  interleave_tiles(k_rows, n, tmp);
+  interleave_tiles(v_rows, n, tmp);
+}
+
+// A unit's row offsets (fill_rows) in w.k_rows / w.v_rows, followed by kTile repeats of the
+// last (a partial last tile reads them) and then the first kPrefetch rows of the unit the
+// thread runs next, tokens [n0, n1) of sequence ns (ns < 0: none; the last row repeats), so
+// that the prefetches of the last chunk, kPrefetch tokens ahead, start on the next unit's
+// blocks instead of idling.
+template <typename T>
+void row_offsets(const DecodeArgs<T>& a, int64_t s, int64_t t0, int64_t t1, int64_t ns,
+                 int64_t n0, int64_t n1, Scratch& w) {
+  const int64_t n_all = t1 - t0, size = n_all + kTile + kChunk;
+  if (static_cast<int64_t>(w.k_rows.size()) < size) {
+    w.k_rows.resize(size);
+    w.v_rows.resize(size);
   }
   int64_t* k_rows = w.k_rows.data();
   int64_t* v_rows = w.v_rows.data();
-  {
-    const int32_t* table = a.tables + s * a.table_cols;
-    int64_t col = t0 / bs, slot = t0 % bs;
-    const int64_t head = h * D;
-    for (int64_t i = 0; i < n_all;) {
-      const int64_t block = table[col];
-      const int64_t k_base = block * a.k_block_stride + head, v_base = block * a.v_block_stride + head;
-      for (; slot < bs && i < n_all; ++slot, ++i) {
-        k_rows[i] = k_base + slot * row_stride;
-        v_rows[i] = v_base + slot * row_stride;
-      }
-      slot = 0;
-      ++col;
-    }
-    for (int64_t i = n_all; i < n_all + pad; ++i) {
-      k_rows[i] = k_rows[n_all - 1];
-      v_rows[i] = v_rows[n_all - 1];
-    }
+  fill_rows(a, s, t0, n_all, k_rows, v_rows);
+  for (int64_t i = n_all; i < n_all + kTile; ++i) {
+    k_rows[i] = k_rows[n_all - 1];
+    v_rows[i] = v_rows[n_all - 1];
   }
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  const int64_t ahead = n_all + kTile;
+  int64_t filled = 0;
+  if (ns >= 0 && n1 > n0) {
+    filled = std::min(kChunk, n1 - n0);
+    fill_rows(a, ns, n0, filled, k_rows + ahead, v_rows + ahead);
+  }
+  for (int64_t i = ahead + filled; i < ahead + kPrefetch; ++i) {
+    k_rows[i] = k_rows[i - 1];
+    v_rows[i] = v_rows[i - 1];
+  }
+}
+
+// One online-softmax step of query head g over the scores sg[0..n) of a chunk: leaves
+// exp(score - new max) in sg (0 past n, up to `padded`) and rescales l, m and acc.
+inline void softmax_step(float* sg, int64_t n, int64_t padded, float& m, float& l, float* acc,
+                         int64_t D) {
+  for (int64_t i = n; i < padded; ++i) sg[i] = kNegInf;
+  vfloat top = vbroadcast(kNegInf);
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    const vfloat x = vload(sg + i);
+    top = x > top ? x : top;
+  }
+  const float m_new = std::max(m, hmax(top));
+  const float alpha = m == kNegInf ? 0.0f : std::exp(m - m_new);
+  const vfloat shift = vbroadcast(m_new);
+  for (int64_t i = 0; i < padded; i += kLanes) vstore(sg + i, vexp(vload(sg + i) - shift));
+  for (int64_t i = n; i < padded; ++i) sg[i] = 0.0f;
+  vfloat sum{};
+  for (int64_t i = 0; i < padded; i += kLanes) sum += vload(sg + i);
+  l = l * alpha + hsum(sum);
+  m = m_new;
+  if (alpha != 1.0f) {
+    for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
+  }
+}
+
+// Attention of all query heads of sequence s over tokens [t0, t1): leaves per query head
+// the running max in m, the sum of exp(score - max) in l and the unnormalized output in acc.
+// kD is head_dim when it is a compile-time constant, else 0; head_dim is a multiple of kLanes.
+template <typename T, int kD>
+void attend(const DecodeArgs<T>& a, int64_t s, int64_t t0, int64_t t1, int64_t ns, int64_t n0,
+            int64_t n1, Scratch& w) {
+  const int64_t D = kD > 0 ? kD : a.head_dim;
+  const int64_t G = a.group, H = a.num_heads;
+  float* __restrict qf = w.q.data();
+  float* __restrict sc = w.scores.data();
+  float* __restrict acc = w.acc.data();
+  for (int64_t h = 0; h < H; ++h) {
+    const T* src = a.q + s * a.q_seq_stride + h * a.q_head_stride;
+    for (int64_t d = 0; d < D; ++d) qf[h * D + d] = load_scalar(src + d) * a.scale;
+  }
+  std::fill(acc, acc + H * D, 0.0f);
+  std::fill(w.m.begin(), w.m.end(), kNegInf);
+  std::fill(w.l.begin(), w.l.end(), 0.0f);
+  row_offsets(a, s, t0, t1, ns, n0, n1, w);
+  const int64_t n_all = t1 - t0, row_bytes = D * static_cast<int64_t>(sizeof(T));
   const float* rows[kTile];
   for (int64_t c0 = 0; c0 < n_all; c0 += kChunk) {
     const int64_t n = std::min(kChunk, n_all - c0);
     const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
-    for (int64_t i = 0; i < n; i += kTile) {   // scores: q . k for the group, a tile at a time
-      prefetch_rows<3>(a.k, k_rows + c0 + i + kPrefetch, row_bytes);
-      prefetch_rows<2>(a.v, v_rows + c0 + i, row_bytes);
-      tile_rows(a.k, k_rows + c0 + i, w.tile.data(), D, rows);
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qf + g * D;
-        vfloat s0{}, s1{}, s2{}, s3{};
-        for (int64_t j = 0; j < D; j += kLanes) {
-          const vfloat qj = vload(qg + j);
-          s0 += qj * vload(rows[0] + j);
-          s1 += qj * vload(rows[1] + j);
-          s2 += qj * vload(rows[2] + j);
-          s3 += qj * vload(rows[3] + j);
+    const int64_t* k_rows = w.k_rows.data() + c0;
+    const int64_t* v_rows = w.v_rows.data() + c0;
+    for (int64_t kv = 0; kv < a.kv_heads; ++kv) {
+      const T* k = a.k + kv * D;        // the head's rows begin kv * D into each token's row
+      const T* v = a.v + kv * D;
+      const int64_t first = kv * G;     // its query heads: first .. first + G
+      for (int64_t i = 0; i < n; i += kTile) {   // scores: q . k for the group, a tile at a time
+        prefetch_rows<3>(k, k_rows + i + kPrefetch, row_bytes);
+        prefetch_rows<2>(v, v_rows + i, row_bytes);
+        tile_rows(k, k_rows + i, w.tile.data(), D, rows);
+        for (int64_t g = first; g < first + G; ++g) {
+          const float* qg = qf + g * D;
+          vfloat s0{}, s1{}, s2{}, s3{};
+          for (int64_t j = 0; j < D; j += kLanes) {
+            const vfloat qj = vload(qg + j);
+            s0 += qj * vload(rows[0] + j);
+            s1 += qj * vload(rows[1] + j);
+            s2 += qj * vload(rows[2] + j);
+            s3 += qj * vload(rows[3] + j);
+          }
+          const vf4 dots = sum4(s0, s1, s2, s3);
+          std::memcpy(sc + g * kChunk + i, &dots, sizeof dots);
         }
-        const vf4 dots = sum4(s0, s1, s2, s3);
-        std::memcpy(sc + g * kChunk + i, &dots, sizeof dots);
       }
-    }
-    for (int64_t g = 0; g < G; ++g) {          // online softmax step
-      float* sg = sc + g * kChunk;
-      for (int64_t i = n; i < padded; ++i) sg[i] = kNegInf;
-      vfloat top = vbroadcast(kNegInf);
-      for (int64_t i = 0; i < padded; i += kLanes) {
-        const vfloat x = vload(sg + i);
-        top = x > top ? x : top;
+      for (int64_t g = first; g < first + G; ++g) {
+        softmax_step(sc + g * kChunk, n, padded, w.m[g], w.l[g], acc + g * D, D);
       }
-      const float m_new = std::max(m[g], hmax(top));
-      const float alpha = m[g] == kNegInf ? 0.0f : std::exp(m[g] - m_new);
-      const vfloat shift = vbroadcast(m_new);
-      for (int64_t i = 0; i < padded; i += kLanes) vstore(sg + i, vexp(vload(sg + i) - shift));
-      for (int64_t i = n; i < padded; ++i) sg[i] = 0.0f;
-      vfloat sum{};
-      for (int64_t i = 0; i < padded; i += kLanes) sum += vload(sg + i);
-      l[g] = l[g] * alpha + hsum(sum);
-      m[g] = m_new;
-      if (alpha != 1.0f) {
-        for (int64_t d = 0; d < D; ++d) acc[g * D + d] *= alpha;
-      }
-    }
-    for (int64_t i = 0; i < n; i += kTile) {   // acc += p v, a tile of V rows at a time
-      prefetch_rows<3>(a.v, v_rows + c0 + i + kPrefetch, row_bytes);
-      tile_rows(a.v, v_rows + c0 + i, w.tile.data(), D, rows);
-      for (int64_t g = 0; g < G; ++g) {
-        const float* pg = sc + g * kChunk + i;   // past n the weights are 0
-        const vfloat p0 = vbroadcast(pg[0]), p1 = vbroadcast(pg[1]), p2 = vbroadcast(pg[2]),
-                     p3 = vbroadcast(pg[3]);
-        float* ag = acc + g * D;
-        for (int64_t j = 0; j < D; j += kLanes) {
-          vfloat x = vload(ag + j);
-          x += p0 * vload(rows[0] + j);
-          x += p1 * vload(rows[1] + j);
-          x += p2 * vload(rows[2] + j);
-          x += p3 * vload(rows[3] + j);
-          vstore(ag + j, x);
+      for (int64_t i = 0; i < n; i += kTile) {   // acc += p v, a tile of V rows at a time
+        prefetch_rows<3>(v, v_rows + i + kPrefetch, row_bytes);
+        tile_rows(v, v_rows + i, w.tile.data(), D, rows);
+        for (int64_t g = first; g < first + G; ++g) {
+          const float* pg = sc + g * kChunk + i;   // past n the weights are 0
+          const vfloat p0 = vbroadcast(pg[0]), p1 = vbroadcast(pg[1]), p2 = vbroadcast(pg[2]),
+                       p3 = vbroadcast(pg[3]);
+          float* ag = acc + g * D;
+          for (int64_t j = 0; j < D; j += kLanes) {
+            vfloat x = vload(ag + j);
+            x += p0 * vload(rows[0] + j);
+            x += p1 * vload(rows[1] + j);
+            x += p2 * vload(rows[2] + j);
+            x += p3 * vload(rows[3] + j);
+            vstore(ag + j, x);
+          }
         }
       }
     }
@@ -232,68 +306,81 @@ void attend(const DecodeArgs<T>& a, int64_t s, int64_t h, int64_t t0, int64_t t1
 
 template <typename T, int kD>
 void decode_units(const DecodeArgs<T>& a, int64_t begin, int64_t end) {
-  const int64_t D = kD > 0 ? kD : a.head_dim, G = a.group;
-  Scratch w(G, D);
+  const int64_t D = kD > 0 ? kD : a.head_dim, H = a.num_heads;
+  Scratch w(H, D);
+  auto range = [&](int64_t unit, int64_t& s, int64_t& t0, int64_t& t1) {
+    const int64_t part = unit % a.splits, len = a.lens[unit / a.splits];
+    s = unit / a.splits;
+    t0 = len * part / a.splits;
+    t1 = len * (part + 1) / a.splits;
+  };
   for (int64_t unit = begin; unit < end; ++unit) {
-    const int64_t part = unit % a.splits, pair = unit / a.splits;
-    const int64_t s = pair / a.kv_heads, h = pair % a.kv_heads;
-    const int64_t len = a.lens[s];
-    const int64_t t0 = len * part / a.splits, t1 = len * (part + 1) / a.splits;
-    attend<T, kD>(a, s, h, t0, t1, w);
+    int64_t s, t0, t1, ns = -1, n0 = 0, n1 = 0;
+    range(unit, s, t0, t1);
+    if (t0 == t1) {                      // an empty split (context shorter than splits)
+      float* dst = a.partial + unit * H * (D + 2);
+      for (int64_t h = 0; h < H; ++h, dst += D + 2) dst[D + 1] = 0.0f;
+      continue;
+    }
+    if (unit + 1 < end) range(unit + 1, ns, n0, n1);
+    attend<T, kD>(a, s, t0, t1, ns, n0, n1, w);
     if (a.splits == 1) {
-      for (int64_t g = 0; g < G; ++g) {
-        const float inv = 1.0f / w.l[g];
-        T* dst = a.out + (s * a.num_heads + h * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) store_scalar(dst + d, w.acc[g * D + d] * inv);
+      for (int64_t h = 0; h < H; ++h) {
+        const float inv = 1.0f / w.l[h];
+        T* out = a.out + (s * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) store_scalar(out + d, w.acc[h * D + d] * inv);
       }
     } else {
-      float* dst = a.partial + unit * G * (D + 2);
-      for (int64_t g = 0; g < G; ++g, dst += D + 2) {
-        std::copy(w.acc.begin() + g * D, w.acc.begin() + (g + 1) * D, dst);
-        dst[D] = w.m[g];
-        dst[D + 1] = w.l[g];
+      float* dst = a.partial + unit * H * (D + 2);
+      for (int64_t h = 0; h < H; ++h, dst += D + 2) {
+        std::copy(w.acc.begin() + h * D, w.acc.begin() + (h + 1) * D, dst);
+        dst[D] = w.m[h];
+        dst[D + 1] = w.l[h];
       }
     }
   }
 }
 
-// Merges the splits of (sequence, KV head) pairs [begin, end) into the output.
+// Merges the splits of sequences [begin, end) into the output.
 template <typename T>
 void merge_splits(const DecodeArgs<T>& a, int64_t begin, int64_t end) {
-  const int64_t D = a.head_dim, G = a.group, S = a.splits, width = G * (D + 2);
+  const int64_t D = a.head_dim, H = a.num_heads, S = a.splits, width = H * (D + 2);
   std::vector<float> acc(D);
-  for (int64_t pair = begin; pair < end; ++pair) {
-    const int64_t s = pair / a.kv_heads, h = pair % a.kv_heads;
-    const float* first = a.partial + pair * S * width;
-    for (int64_t g = 0; g < G; ++g) {
+  for (int64_t s = begin; s < end; ++s) {
+    const float* first = a.partial + s * S * width;
+    for (int64_t h = 0; h < H; ++h) {
       float top = kNegInf;
-      for (int64_t p = 0; p < S; ++p) top = std::max(top, first[p * width + g * (D + 2) + D]);
+      for (int64_t p = 0; p < S; ++p) {
+        const float* part = first + p * width + h * (D + 2);
+        if (part[D + 1] != 0.0f) top = std::max(top, part[D]);
+      }
       std::fill(acc.begin(), acc.end(), 0.0f);
       float total = 0.0f;
       for (int64_t p = 0; p < S; ++p) {
-        const float* part = first + p * width + g * (D + 2);
-        if (part[D + 1] == 0.0f) continue;   // an empty split (context shorter than splits)
+        const float* part = first + p * width + h * (D + 2);
+        if (part[D + 1] == 0.0f) continue;   // an empty split
         const float weight = std::exp(part[D] - top);
         total += weight * part[D + 1];
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) acc[d] += weight * part[d];
       }
       const float inv = 1.0f / total;
-      T* dst = a.out + (s * a.num_heads + h * G + g) * D;
+      T* dst = a.out + (s * H + h) * D;
       for (int64_t d = 0; d < D; ++d) store_scalar(dst + d, acc[d] * inv);
     }
   }
 }
 
-// Context splits per unit: enough units to share evenly among the threads, none shorter
-// than kMinSplitTokens; none when the whole call is too small to wake a second thread.
-int64_t choose_splits(int64_t pairs, int64_t longest, int64_t rows) {
+// Context splits per sequence: enough units to share evenly among the threads, none shorter
+// than kMinSplitTokens; none when the whole call (`rows` K rows of one head each) is one
+// task's worth (kMinTaskTokens) or less, too small to wake a second thread.
+int64_t choose_splits(int64_t seqs, int64_t longest, int64_t rows) {
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t most =
-      rows < 2 * kMinTaskTokens ? 1 : std::max<int64_t>(1, longest / kMinSplitTokens);
+      rows <= kMinTaskTokens ? 1 : std::max<int64_t>(1, longest / kMinSplitTokens);
   int64_t splits = 1;
   while (splits < most && threads > 1 &&
-         (pairs * splits < 4 * threads || (pairs * splits) % threads != 0)) {
+         (seqs * splits < 4 * threads || (seqs * splits) % threads != 0)) {
     ++splits;
   }
   return splits;
@@ -342,15 +429,15 @@ void check_cache(const torch::Tensor& c, const char* name) {
 
 template <typename T>
 void run_decode(DecodeArgs<T>& a, int64_t num_seqs, int64_t longest, int64_t total) {
-  const int64_t pairs = num_seqs * a.kv_heads;
-  a.splits = choose_splits(pairs, longest, total * a.kv_heads);
+  const int64_t rows = total * a.kv_heads;
+  a.splits = choose_splits(num_seqs, longest, rows);
   // units per task such that a small call stays on the calling thread (waking the others
   // costs more than a few hundred rows)
-  const int64_t rows_per_unit = std::max<int64_t>(1, total / (num_seqs * a.splits));
-  const int64_t grain = std::max<int64_t>(1, kMinTaskTokens / rows_per_unit);
+  const int64_t units = num_seqs * a.splits;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskTokens / std::max<int64_t>(1, rows / units));
   torch::Tensor partial;
   if (a.splits > 1) {
-    partial = torch::empty({pairs * a.splits * a.group * (a.head_dim + 2)}, torch::kFloat32);
+    partial = torch::empty({units * a.num_heads * (a.head_dim + 2)}, torch::kFloat32);
     a.partial = partial.data_ptr<float>();
   }
   auto body = [&](int64_t begin, int64_t end) {
@@ -360,8 +447,8 @@ void run_decode(DecodeArgs<T>& a, int64_t num_seqs, int64_t longest, int64_t tot
       default: decode_units<T, 0>(a, begin, end); break;
     }
   };
-  at::parallel_for(0, pairs * a.splits, grain, body);
-  if (a.splits > 1) merge_splits<T>(a, 0, pairs);  // G * D * splits flops a pair: no threads
+  at::parallel_for(0, units, grain, body);
+  if (a.splits > 1) merge_splits<T>(a, 0, num_seqs);  // H * D * splits flops a sequence: no threads
 }
 
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k_cache,
@@ -488,5 +575,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reshape_and_cache", &reshape_and_cache, "write K/V rows into their cache slots",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("decode_splits", &choose_splits,
-        "context splits per (sequence, KV head) for (pairs, longest context, K rows in all)");
+        "context splits per sequence for (sequences, longest context, K rows of one head in all)");
 }

@@ -75,11 +75,14 @@ def test_decode_on_scattered_blocks_of_either_arena_layout(native, make_case, ch
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_split_over_threads_matches_reference(native, make_case, check_close, dtype):
-    # one sequence, one KV head: the context is cut into splits merged by log-sum-exp
+    # the context is cut into splits merged by log-sum-exp; splits of the 3-token sequence
+    # are empty
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         assert native.decode_splits(2, 2000, 2003) > 1 and native.decode_splits(1, 2000, 2000) > 1
+        # a call of more than one task's worth of rows (512) wakes the second thread
+        assert native.decode_splits(1, 256, 768) > 1 and native.decode_splits(1, 256, 512) == 1
         case = make_case([2000, 3], num_heads=4, num_kv_heads=1, block_size=16, dtype=dtype)
         out = native.paged_attention_decode(*case.decode_args)
         check_close(out, reference.paged_attention_decode(*case.decode_args))
