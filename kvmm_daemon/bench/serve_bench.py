@@ -10,16 +10,23 @@ replaced by the next one).
 * daemon: `kvmm serve` started on the same engine settings (or `--socket` to use a running
   one), `--clients` trio tasks, each with its own connection, streaming;
 * http (with `--http`): the same daemon's OpenAI-compatible API on its Unix socket,
-  `--clients` trio tasks each with an httpx connection streaming /v1/chat/completions
-  (server-sent events), as an app written against the OpenAI API would.
+  `--clients` trio tasks each with a keep-alive connection streaming /v1/chat/completions
+  (server-sent events). The client is sse_client.py (h11, one write per request), as lean as
+  the msgpack side's AsyncClient: the comparison is of the fronts, not of client libraries
+  (httpx, which the openai package uses, cost ~1-3 ms more per request on the client).
 Never both at once: after one warm-up run each (first-call costs of torch kernels stay out),
 `--rounds` measured runs alternate between the sides, so that load from elsewhere on the
 machine drifts into both alike; the rounds are pooled.
 Goals: the daemon >= 0.9x in-process throughput, TTFT p50 within +5 ms at one client and
 +10 ms at 8; the HTTP front >= 0.9x the msgpack socket, TTFT p50 within +10 ms.
 Figures per side: throughput (completion tokens/s over the wall time), time to first token
-(from submission) and inter-token latency (between streamed chunks, spread over their
-tokens), p50/p99. Overhead = daemon / in-process.
+and inter-token latency (between streamed chunks, spread over their tokens), p50/p99.
+Overhead = daemon / in-process. TTFT runs on each side (TTFT_SPANS, also in the JSON):
+* in-process: from `Engine.add_request` to the end of the step whose output has the token;
+* daemon: from the call that encodes and writes the generate frame to the first delta frame
+  with tokens, read and decoded by AsyncClient;
+* http: from the call that encodes and writes the POST to the first SSE event with content,
+  read, parsed and JSON-decoded by SseClient.
 """
 from __future__ import annotations
 
@@ -31,6 +38,11 @@ import sys
 import tempfile
 import time
 
+TTFT_SPANS = {
+    "inprocess": "Engine.add_request -> end of the step that output the first token",
+    "daemon": "AsyncClient.stream call (encode + write the frame) -> first delta with tokens decoded",
+    "http": "SseClient.events call (encode + write the POST) -> first SSE event with content JSON-decoded",
+}
 PROMPTS = [
     "Explain in one paragraph why the sky is blue.",
     "Write a short poem about a lighthouse keeper.",
@@ -174,36 +186,30 @@ async def _drive_daemon(path: str, args: argparse.Namespace) -> Recorder:
 
 
 async def _drive_http(path: str, args: argparse.Namespace) -> Recorder:
-    """The workload through the HTTP API: one httpx connection per client, SSE chat streams.
+    """The workload through the HTTP API: one SseClient connection per client, SSE chat streams.
     A chunk carries the text of one engine step (one token; two when a character spans
     tokens); the final usage chunk corrects the token count."""
-    import json
-
-    import httpx
+    from kvmm_daemon.bench.sse_client import SseClient
 
     rec, counter = Recorder(), iter(range(args.requests))
 
     async def client_task() -> None:
-        transport = httpx.AsyncHTTPTransport(uds=path)
-        async with httpx.AsyncClient(transport=transport, base_url="http://kvmm", timeout=600) as h:
-            model = (await h.get("/v1/models")).json()["data"][0]["id"]
+        async with SseClient.connect(path) as h:
+            model = (await h.get_json("/v1/models"))["data"][0]["id"]
             for i in counter:
                 rid, counted = f"h{i}", 0
                 body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                         "max_tokens": args.max_tokens, "ignore_eos": True, "stream": True,
                         "stream_options": {"include_usage": True}}
                 rec.submitted(rid)
-                async with h.stream("POST", "/v1/chat/completions", json=body) as r:
-                    r.raise_for_status()
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: {"):
-                            continue
-                        chunk = json.loads(line[6:])
-                        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                            rec.delta(rid, 1)
-                            counted += 1
-                        elif chunk.get("usage"):
-                            rec.tokens += chunk["usage"]["completion_tokens"] - counted
+                async for chunk in h.events("/v1/chat/completions", body):
+                    if "error" in chunk:
+                        raise RuntimeError(f"the HTTP API failed request {rid}: {chunk['error']}")
+                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        rec.delta(rid, 1)
+                        counted += 1
+                    elif chunk.get("usage"):
+                        rec.tokens += chunk["usage"]["completion_tokens"] - counted
 
     return await _run_clients(rec, client_task, args.clients)
 
@@ -313,7 +319,8 @@ def _cases(args: argparse.Namespace) -> list[argparse.Namespace]:
 def run_serve_bench(args: argparse.Namespace) -> dict:
     workload = {"clients": args.clients, "requests": args.requests or "4 per client", "rounds": args.rounds,
                 "max_tokens": args.max_tokens, "threads": args.threads,
-                "model": args.model or "embedded SmolLM2-135M", "kv_budget": str(args.kv_budget)}
+                "model": args.model or "embedded SmolLM2-135M", "kv_budget": str(args.kv_budget),
+                "ttft_spans": TTFT_SPANS if args.http else {k: TTFT_SPANS[k] for k in ("inprocess", "daemon")}}
     if args.socket and args.http and not args.http_socket:
         raise SystemExit("--http with --socket needs --http-socket PATH of that daemon")
     inprocess = _inprocess_engine(args)

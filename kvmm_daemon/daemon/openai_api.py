@@ -11,12 +11,12 @@ Authorization header is ignored (the openai client always sends one); on TCP it 
 the request must carry `Authorization: Bearer KEY` with a key of `http_api_keys`, which acts
 as the uid the key maps to. GET /health needs no key.
 
-Disconnects: a streaming response is cancelled by Starlette when the client goes away; a
-non-streaming one watches `receive()` for http.disconnect itself; either way leaving
-`Server.admit` aborts the request, which frees its KV blocks at the engine's next step.
+Disconnects: a streaming response (sse_response.py) and a non-streaming one alike watch
+`receive()` for http.disconnect; either way leaving `Server.admit` aborts the request, which
+frees its KV blocks at the engine's next step.
 
-Prior art: vLLM's `entrypoints/openai` (chunk shapes, usage in the last chunk, errors as
-{"error": {...}}). Left out: see openai_requests.py.
+Prior art: vLLM's `entrypoints/openai`; the shapes of the replies are completion_shape.py's.
+Left out: see openai_requests.py.
 """
 from __future__ import annotations
 
@@ -26,18 +26,20 @@ import json
 import logging
 import os
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
 import trio
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kvmm_daemon import protocol as P
 from kvmm_daemon.daemon.auth import PeerCredentials
+from kvmm_daemon.daemon.completion_shape import CompletionShape
 from kvmm_daemon.daemon.metrics import CONTENT_TYPE
-from kvmm_daemon.daemon.openai_requests import ApiError, CompletionRequest, parse_completion
+from kvmm_daemon.daemon.openai_requests import ApiError, parse_completion
+from kvmm_daemon.daemon.sse_response import SseResponse, cancel_on_disconnect
 
 log = logging.getLogger("kvmm.http")
 EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -49,12 +51,6 @@ def model_id(model_path: str | None) -> str:
         return EMBEDDED_MODEL_ID
     name = os.path.basename(os.path.normpath(model_path))
     return name[:-5] if name.endswith(".gguf") else name
-
-
-def usage_json(usage: Any) -> dict[str, Any]:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens}}
 
 
 class OpenAIApi:
@@ -188,16 +184,16 @@ class OpenAIApi:
             with trio.CancelScope(shield=True):
                 await stack.aclose()
             raise
-        shape = _Shape(req, gen.request_id, self.model, self.server.engine.tokenizer)
+        shape = CompletionShape(req, gen.request_id, self.model, self.server.engine.tokenizer)
         if req.stream:
-            return _GenerationStream(shape.events(gen), stack)
+            return SseResponse(shape.events(gen), stack)
         async with stack:
             return await self._whole(request, shape, gen)
 
-    async def _whole(self, request: Request, shape: _Shape, gen: Any) -> Response:
+    async def _whole(self, request: Request, shape: CompletionShape, gen: Any) -> Response:
         """Run to the end and answer once; a client that leaves meanwhile aborts it."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, request, nursery.cancel_scope)
+            nursery.start_soon(cancel_on_disconnect, request.receive, nursery.cancel_scope)
             async for _ in gen:
                 pass
             nursery.cancel_scope.cancel()
@@ -208,135 +204,3 @@ class OpenAIApi:
             return self.error(error)
         gen.retire()
         return JSONResponse(shape.whole(gen))
-
-
-async def _cancel_on_disconnect(request: Request, scope: trio.CancelScope) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
-            return
-
-
-class _GenerationStream(StreamingResponse):
-    """SSE of one generation; the admission (`stack`) is left when the response ends,
-    however it ends (finished, client gone, daemon stopping), which aborts an unfinished
-    request."""
-
-    def __init__(self, events: AsyncIterator[str], stack: contextlib.AsyncExitStack):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-        self._events = events
-        self._stack = stack
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._events.aclose()
-                await self._stack.aclose()
-
-
-class _Shape:
-    """How one request's outputs look in OpenAI's chat or text completion objects."""
-
-    def __init__(self, req: CompletionRequest, request_id: str, model: str, tokenizer: Any):
-        self.req = req
-        self.chat = req.chat
-        self.id = ("chatcmpl-" if req.chat else "cmpl-") + request_id
-        self.model = model
-        self.created = int(time.time())
-        self.tokenizer = tokenizer
-        self.text_offset: dict[int, int] = {}     # choice -> characters of text covered by logprobs
-
-    def _token(self, token_id: int) -> tuple[str, bytes]:
-        piece = self.tokenizer.token_bytes(token_id)
-        return piece.decode("utf-8", errors="replace"), piece
-
-    def logprobs(self, index: int, lps: list | None) -> dict[str, Any] | None:
-        """OpenAI's logprobs object of choice `index` for the tokens `lps` (TokenLogprob);
-        for text completions `text_offset` continues where the previous call ended."""
-        if lps is None:
-            return None
-        if self.chat:
-            def entry(token_id: int, logprob: float) -> dict[str, Any]:
-                text, piece = self._token(token_id)
-                return {"token": text, "logprob": logprob, "bytes": list(piece)}
-            return {"content": [{**entry(lp.token_id, lp.logprob),
-                                 "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps],
-                    "refusal": None}
-        tokens = [self._token(lp.token_id)[0] for lp in lps]
-        offsets, at = [], self.text_offset.get(index, 0)
-        for t in tokens:
-            offsets.append(at)
-            at += len(t)
-        self.text_offset[index] = at
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{self._token(t)[0]: v for t, v in lp.top} for lp in lps],
-                "text_offset": offsets}
-
-    def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def engine_error(self, gen: Any) -> ApiError | None:
-        last = gen.acc.last
-        if last is None or last.error is None:
-            return None
-        return ApiError(500, f"the engine failed this request: {last.error}", type="server_error",
-                        code=P.ErrorCode.ENGINE_ERROR.value)
-
-    def whole(self, gen: Any) -> dict[str, Any]:
-        choices = []
-        for c in gen.acc.choices():
-            if self.chat:
-                choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                "logprobs": self.logprobs(c.index, c.logprobs), "finish_reason": c.finish_reason})
-            else:
-                choices.append({"index": c.index, "text": c.text, "logprobs": self.logprobs(c.index, c.logprobs),
-                                "finish_reason": c.finish_reason})
-        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": choices,
-                "usage": usage_json(gen.acc.usage(len(gen.prompt_ids)))}
-
-    def _chunk(self, choices: list[dict[str, Any]]) -> str:
-        obj = {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": choices}
-        if self.req.include_usage:
-            obj["usage"] = None
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    def _choice(self, index: int, text: str | None, finish_reason: str | None, *, role: bool = False,
-                logprobs: dict[str, Any] | None = None) -> dict:
-        if not self.chat:
-            return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
-        delta: dict[str, Any] = {}
-        if role:
-            delta["role"] = "assistant"
-        if text is not None:
-            delta["content"] = text
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-
-    async def events(self, gen: Any) -> AsyncIterator[str]:
-        n = len(gen.acc.finish_reasons)
-        if self.chat:
-            yield self._chunk([self._choice(i, "", None, role=True) for i in range(n)])
-        async for out in gen:
-            if out.error is not None:
-                err = self.engine_error(gen)
-                yield f"data: {json.dumps(err.body())}\n\n"
-                return
-            texts = [self._choice(d.index, d.text, None, logprobs=self.logprobs(d.index, d.logprobs))
-                     for d in out.deltas if d.text or d.logprobs]
-            if texts:
-                yield self._chunk(texts)
-        if gen.engine_stopped:
-            err = ApiError(500, "the engine stopped; see the daemon log", type="server_error", code="internal")
-            yield f"data: {json.dumps(err.body())}\n\n"
-            return
-        gen.retire()
-        yield self._chunk([self._choice(i, None if self.chat else "", r)
-                           for i, r in enumerate(gen.acc.finish_reasons)])
-        if self.req.include_usage:
-            usage = {**self._head("chat.completion.chunk" if self.chat else "text_completion"),
-                     "choices": [], "usage": usage_json(gen.acc.usage(len(gen.prompt_ids)))}
-            yield f"data: {json.dumps(usage)}\n\n"
-        yield "data: [DONE]\n\n"
